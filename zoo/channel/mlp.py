@@ -1,0 +1,35 @@
+"""Dense channel mixers: the GELU MLP and SwiGLU (Shazeer 2020). Shape (B, T, d) -> (B, T, d)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear; ``hidden`` defaults to 4 * d_model."""
+
+    def __init__(self, d_model: int, *, hidden: int | None = None, bias: bool = True):
+        super().__init__()
+        hidden = hidden or 4 * d_model
+        self.up = nn.Linear(d_model, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); ``hidden`` defaults to 8/3 * d_model rounded up to 8,
+    which keeps the parameter count of a 4x MLP."""
+
+    def __init__(self, d_model: int, *, hidden: int | None = None, bias: bool = False):
+        super().__init__()
+        hidden = hidden or -(-8 * d_model // 3 // 8) * 8
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

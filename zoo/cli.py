@@ -1,0 +1,76 @@
+"""The ``zoo`` command: ``zoo list`` (and, as they land, ``fit``, ``bench``, ``report``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from zoo.errors import ZooConfigError
+from zoo.registry import CHANNEL, ENV_VAR, POSITIONS, SEQUENCE, Registry, default_registry
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def list_table(reg: Registry, device_type: str) -> str:
+    """Markdown tables of every registry entry and which backends run on ``device_type``."""
+
+    def backends(e) -> str:
+        parts = []
+        for name, why in e.available_backends(device_type).items():
+            parts.append(name if not why else f"({name}: {why})")
+        return ", ".join(parts)
+
+    lines = [f"## Sequence mixers (backends on {device_type}; parenthesised ones are unavailable)", "",
+             "| name | causal | bidirectional | decode | positions | backends | description |",
+             "|---|---|---|---|---|---|---|"]
+    for e in reg.entries(SEQUENCE):
+        lines.append(
+            f"| {e.name} | {_yes(e.causal)} | {_yes(e.bidirectional)} | {_yes(e.decode)} | "
+            f"{', '.join(e.positions)} | {backends(e)} | {e.description} |"
+        )
+    lines += ["", "## Channel mixers", "", "| name | backends | description |", "|---|---|---|"]
+    for e in reg.entries(CHANNEL):
+        lines.append(f"| {e.name} | {backends(e)} | {e.description} |")
+    lines += ["", "## Positional schemes", "", "| name | where | description |", "|---|---|---|"]
+    for e in reg.entries(POSITIONS):
+        lines.append(f"| {e.name} | {e.where} | {e.description} |")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(list_table(default_registry(), device))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description=__doc__)
+    p.add_argument(
+        "--registry", action="append", default=[], metavar="FILE",
+        help=f"a registry overlay YAML (repeatable; also ${ENV_VAR}, joined by '{os.pathsep}')",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("list", help="every registry entry, its capabilities and available backends")
+    s.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.registry:  # through the environment, so that subprocesses see the same registry
+        paths = [os.path.abspath(p) for p in args.registry]
+        os.environ[ENV_VAR] = os.pathsep.join(filter(None, [os.environ.get(ENV_VAR), *paths]))
+    try:
+        return args.func(args)
+    except ZooConfigError as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

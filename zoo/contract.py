@@ -1,0 +1,101 @@
+"""The mixer contract, in code: backends, the base class of sequence mixers, state sizes.
+
+A sequence mixer is ``Mixer(d_model, *, causal, **hyper)`` mapping ``(B, T, d_model)`` to the
+same shape. One that decodes offers ``init_state(batch)`` and ``step(x_t, state) -> (y_t,
+state)`` with ``x_t`` of shape ``(B, d_model)``. One with several implementations declares them
+in ``BACKENDS`` (name -> :class:`Backend`) and its preference for ``backend="auto"`` in
+``AUTO_ORDER``; :meth:`SequenceMixer.backend_for` picks per device, once per device type.
+
+Auxiliary losses: a module that has one sets ``self.aux_losses = {"name": scalar}`` during its
+forward; the model gathers and sums them by name (see ``zoo.model.Backbone``). No global state,
+so it works unchanged under DDP.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoo.errors import ZooConfigError, unknown
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of a mixer: the package it needs and the devices it runs on."""
+
+    package: str | None = None  # importable module name, e.g. "xformers"
+    extra: str | None = None  # the pip extra that installs it, e.g. "gpu"
+    devices: tuple[str, ...] = ("cpu", "cuda", "mps", "xpu")
+
+    def installed(self) -> bool:
+        return self.package is None or importlib.util.find_spec(self.package) is not None
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.installed() and device_type in self.devices
+
+    def missing(self) -> str:
+        extra = f" (pip install 'zoo[{self.extra}]')" if self.extra else ""
+        return f"needs the package {self.package!r}{extra}"
+
+
+REFERENCE = Backend()
+TORCH = Backend()
+
+
+class SequenceMixer(nn.Module):
+    """Base class for the zoo's own sequence mixers: the causal flag and backend choice.
+
+    User mixers need not subclass it; the registry and the contract tests only rely on the
+    constructor signature and the shape contract.
+    """
+
+    BACKENDS: dict[str, Backend] = {"reference": REFERENCE}
+    AUTO_ORDER: tuple[str, ...] = ("reference",)
+
+    def __init__(self, d_model: int, *, causal: bool, backend: str = "auto"):
+        super().__init__()
+        if backend != "auto" and backend not in self.BACKENDS:
+            raise unknown(f"backend of {type(self).__name__}", backend, [*self.BACKENDS, "auto"])
+        if backend != "auto" and not self.BACKENDS[backend].installed():
+            raise ZooConfigError(
+                f"backend {backend!r} of {type(self).__name__} {self.BACKENDS[backend].missing()}"
+            )
+        self.d_model = d_model
+        self.causal = bool(causal)
+        self.backend = backend
+        self._auto: dict[str, str] = {}
+
+    def backend_for(self, device: torch.device) -> str:
+        """The backend that runs on ``device``: the requested one, or auto's first available."""
+        dev = device.type
+        if self.backend != "auto":
+            spec = self.BACKENDS[self.backend]
+            if dev not in spec.devices:
+                raise ZooConfigError(
+                    f"backend {self.backend!r} of {type(self).__name__} runs on "
+                    f"{', '.join(spec.devices)}, not on {dev}; use backend='auto' or one of "
+                    f"{', '.join(n for n, b in self.BACKENDS.items() if b.runs_on(dev))}"
+                )
+            return self.backend
+        if dev not in self._auto:
+            self._auto[dev] = next(
+                (n for n in self.AUTO_ORDER if self.BACKENDS[n].runs_on(dev)), "reference"
+            )
+        return self._auto[dev]
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, causal={self.causal}, backend={self.backend!r}"
+
+
+def state_nbytes(state: object) -> int:
+    """Bytes held by a decode state: every tensor in it, nested in dicts, lists or tuples."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0

@@ -1,0 +1,21 @@
+"""The zoo's one error type for bad input, and the "did you mean" helper its messages use."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ZooConfigError(ValueError):
+    """A bad config, name, value or file. The message names what is wrong and what is allowed."""
+
+
+def unknown(what: str, name: object, allowed: Iterable[str], where: str = "") -> ZooConfigError:
+    """Build the error for an unknown name: suggests the closest allowed names, lists them all."""
+    allowed = sorted(allowed)
+    close = difflib.get_close_matches(str(name), allowed, n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    at = f" in {where}" if where else ""
+    return ZooConfigError(
+        f"unknown {what} {name!r}{at}{hint}. Allowed: {', '.join(allowed) or '(none)'}"
+    )

@@ -1,0 +1,88 @@
+"""Full softmax attention (Vaswani et al. 2017) with a KV-cache decoder.
+
+Backends of ``attend``:
+  reference  the textbook softmax(Q K^T / sqrt(d) + bias) V, materialising the T x T scores;
+  torch      ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where they
+             apply, so memory grows linearly in T);
+  xformers   ``xformers.ops.memory_efficient_attention`` (CUDA only, extra ``gpu``).
+``auto`` takes xformers on CUDA when it is installed, else torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zoo.contract import REFERENCE, TORCH, Backend
+from zoo.nn.attention import AttentionMixer
+
+
+class SoftmaxAttention(AttentionMixer):
+    BACKENDS = {
+        "reference": REFERENCE,
+        "torch": TORCH,
+        "xformers": Backend(package="xformers", extra="gpu", devices=("cuda",)),
+    }
+    AUTO_ORDER = ("xformers", "torch")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        backend = self.backend_for(q.device)
+        p = self.dropout if self.training else 0.0
+        tq, tk = q.shape[-2], k.shape[-2]
+        if backend == "torch" and not self.uses_alibi and (tq == tk or tq == 1):
+            # Fast path: the fused kernels' own causal mask (a single query sees every key).
+            causal = self.causal and tq > 1
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        bias = self.score_bias(tq, tk, q.device, q.dtype)
+        if backend == "torch":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        if backend == "xformers":
+            return _xformers_attend(q, k, v, bias, self.causal and not self.uses_alibi, p)
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
+        if bias is not None:
+            scores = scores + bias
+        probs = F.dropout(scores.softmax(dim=-1), p)
+        return probs @ v  # (B, H, Tq, hd)
+
+    # -- decoding: a KV cache that doubles its capacity when full ------------------------
+    def init_state(self, batch: int, device=None, dtype=None, capacity: int = 64) -> dict:
+        shape = (batch, self.n_heads, capacity, self.head_dim)
+        dtype = dtype or self.qkv.weight.dtype
+        device = device or self.qkv.weight.device
+        return {
+            "k": torch.empty(shape, device=device, dtype=dtype),
+            "v": torch.empty(shape, device=device, dtype=dtype),
+            "length": 0,
+        }
+
+    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """x_t: (B, d) -> y_t: (B, d); appends this position's key and value to the cache."""
+        n = state["length"]
+        q, k, v = self.project(x_t[:, None], start=n)  # (B, H, 1, hd)
+        K, V = state["k"], state["v"]
+        if n == K.shape[2]:  # full: double the capacity
+            K = torch.cat((K, torch.empty_like(K)), dim=2)
+            V = torch.cat((V, torch.empty_like(V)), dim=2)
+        K[:, :, n : n + 1], V[:, :, n : n + 1] = k, v
+        y = self.attend(q, K[:, :, : n + 1], V[:, :, : n + 1])
+        return self.merge(y)[:, 0], {"k": K, "v": V, "length": n + 1}
+
+
+def _xformers_attend(q, k, v, bias, causal: bool, p: float) -> torch.Tensor:
+    """memory_efficient_attention on (B, T, H, hd) layouts; ``bias`` is (H|1, Tq, Tk) or None."""
+    from xformers.ops import LowerTriangularMask, memory_efficient_attention
+
+    B, H, tq, hd = q.shape
+    tk = k.shape[-2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, hd)
+    if causal and tq == tk:
+        attn_bias = LowerTriangularMask()
+    elif bias is not None:
+        # xformers wants the bias's last dimension padded to a multiple of 8.
+        pad = -tk % 8
+        full = torch.zeros(B, H, tq, tk + pad, device=q.device, dtype=q.dtype)
+        full[..., :tk] = bias
+        attn_bias = full[..., :tk]
+    else:
+        attn_bias = None
+    return memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=p).transpose(1, 2)

@@ -1,0 +1,186 @@
+"""The model: Embedding -> [Block x L] -> Head, with mixers chosen by name from the registry.
+
+    Block = x + Mixer(Norm(x)); x + ChannelMixer(Norm(x))        (pre-norm)
+          = Norm(x + Mixer(x)); Norm(x + ChannelMixer(x))        (post-norm)
+
+Auxiliary losses: a module that has them declares ``self.aux_losses = {}`` in ``__init__`` and
+fills it with named scalars during its forward. ``ZooModel.aux_losses()`` sums them by name
+over the layers after a forward; the training loop adds them to the loss and logs each name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoo.config import Config, ModelConfig, from_dict
+from zoo.contract import state_nbytes
+from zoo.errors import ZooConfigError
+from zoo.nn.positions import LearnedPosition, SinusoidalPosition
+from zoo.registry import Registry, accepted_kwargs, default_registry
+
+
+def make_norm(kind: str, d_model: int) -> nn.Module:
+    return nn.LayerNorm(d_model) if kind == "layernorm" else nn.RMSNorm(d_model)
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: nn.Module, channel: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.norm1, self.norm2 = make_norm(cfg.norm, cfg.d_model), make_norm(cfg.norm, cfg.d_model)
+        self.mixer, self.channel = mixer, channel
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+        return self._channel(self._mix(x, self.mixer))
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:  # (B, d)
+        out: dict[str, Any] = {}
+
+        def mix(h: torch.Tensor) -> torch.Tensor:
+            y, out["s"] = self.mixer.step(h, state)
+            return y
+
+        x_t = self._mix(x_t, mix)
+        return self._channel(x_t[:, None])[:, 0], out["s"]
+
+    def _mix(self, x: torch.Tensor, mixer) -> torch.Tensor:
+        if self.pre:
+            return x + self.drop(mixer(self.norm1(x)))
+        return self.norm1(x + self.drop(mixer(x)))
+
+    def _channel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre:
+            return x + self.drop(self.channel(self.norm2(x)))
+        return self.norm2(x + self.drop(self.channel(x)))
+
+
+def mixer_kwargs(registry: Registry, pattern: list[str], args: dict[str, Any], what: str):
+    """Split ``args`` into per-mixer keyword dicts (see :mod:`zoo.config`)."""
+    names = list(dict.fromkeys(pattern))
+    accepts = {n: accepted_kwargs(registry.mixer(n).cls) for n in names}
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in args.items():
+        if key in names:
+            if not isinstance(value, dict):
+                raise ZooConfigError(f"model.{what}.{key} must be a mapping of {key}'s hyper-parameters")
+            out[key].update(value)
+            continue
+        takers = [n for n in names if key in accepts[n][0] or accepts[n][1]]
+        if not takers:
+            allowed = sorted(set().union(*(accepts[n][0] for n in names)) | set(names))
+            raise ZooConfigError(
+                f"model.{what}: no mixer of {names} takes {key!r}; allowed keys: {', '.join(allowed)}"
+            )
+        for n in takers:
+            out[n].setdefault(key, value)
+    return out
+
+
+class ZooModel(nn.Module):
+    """Token embedding, additive position, blocks, final norm and an LM or classification head."""
+
+    def __init__(self, cfg: ModelConfig, registry: Registry | None = None):
+        super().__init__()
+        reg = registry or default_registry()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        additive = {"sinusoidal": SinusoidalPosition, "learned": LearnedPosition}
+        self.pos = additive[cfg.position](cfg.d_model, cfg.max_len) if cfg.position in additive else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+        seq_args = mixer_kwargs(reg, cfg.mixers, cfg.mixer_args, "mixer_args")
+        ch_args = mixer_kwargs(reg, cfg.channels, cfg.channel_args, "channel_args")
+        for n in cfg.mixers:
+            if reg.mixer(n).kind != "sequence_mixers":
+                raise ZooConfigError(f"model.mixer: {n!r} is a channel mixer; sequence mixers: "
+                                     f"{', '.join(reg.names('sequence_mixers'))}")
+        for n in cfg.channels:
+            if reg.mixer(n).kind != "channel_mixers":
+                raise ZooConfigError(f"model.channel: {n!r} is a sequence mixer; channel mixers: "
+                                     f"{', '.join(reg.names('channel_mixers'))}")
+        self.blocks = nn.ModuleList(
+            Block(
+                reg.build_mixer(m, cfg.d_model, causal=cfg.causal, position=cfg.position, **seq_args[m]),
+                reg.build_mixer(c, cfg.d_model, **ch_args[c]),
+                cfg,
+            )
+            for m, c in zip(cfg.mixers, cfg.channels)
+        )
+        self.norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_position == "pre" else nn.Identity()
+        if cfg.head == "lm":
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_weights:
+                self.head.weight = self.embed.weight
+        else:
+            self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        self._aux_modules = [m for m in self.modules() if isinstance(getattr(m, "aux_losses", None), dict)]
+
+    # -- forward ---------------------------------------------------------------------------
+    def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.embed(tokens)  # (B, T, d)
+        if self.pos is not None:
+            if start + tokens.shape[1] > self.cfg.max_len:
+                raise ZooConfigError(
+                    f"length {start + tokens.shape[1]} exceeds model.max_len={self.cfg.max_len}, "
+                    f"the size of the {self.cfg.position} position table"
+                )
+            x = x + self.pos(start, tokens.shape[1])
+        return self.drop(x)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (B, T, d)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) for ``lm``, (B, n_classes) for ``classify``."""
+        h = self.hidden(tokens)
+        if self.cfg.head == "lm":
+            return self.head(h)
+        pooled = {"mean": lambda: h.mean(1), "last": lambda: h[:, -1], "first": lambda: h[:, 0]}
+        return self.head(pooled[self.cfg.pool]())
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward, summed by name over the layers."""
+        total: dict[str, torch.Tensor] = {}
+        for m in self._aux_modules:
+            for name, value in m.aux_losses.items():
+                total[name] = total[name] + value if name in total else value
+        return total
+
+    # -- decoding ------------------------------------------------------------------------
+    def init_state(self, batch: int) -> list[Any]:
+        missing = [type(b.mixer).__name__ for b in self.blocks if not hasattr(b.mixer, "step")]
+        if missing:
+            raise ZooConfigError(f"cannot decode: {', '.join(sorted(set(missing)))} has no step()")
+        return [{"pos": 0}] + [b.mixer.init_state(batch) for b in self.blocks]
+
+    def step(self, token_t: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """One token per sequence, (B,) -> next-token logits (B, vocab); equals ``forward``."""
+        pos = state[0]["pos"]
+        x = self.embed_tokens(token_t[:, None], start=pos)[:, 0]
+        new = [{"pos": pos + 1}]
+        for block, s in zip(self.blocks, state[1:]):
+            x, s = block.step(x, s)
+            new.append(s)
+        return self.head(self.norm(x)), new
+
+    @staticmethod
+    def state_nbytes(state: list[Any]) -> int:
+        return state_nbytes(state)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: Config | ModelConfig | dict, registry: Registry | None = None) -> ZooModel:
+    """A model from a :class:`Config`, a :class:`ModelConfig` or a dict of model keys."""
+    if isinstance(config, Config):
+        config = config.model
+    return ZooModel(from_dict(ModelConfig, config, where="model"), registry)

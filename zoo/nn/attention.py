@@ -1,0 +1,125 @@
+"""The attention core shared by every attention-style mixer.
+
+``AttentionMixer`` owns the q/k/v/out projections, the head split, RoPE on q and k, and the
+additive score bias (causal mask and ALiBi). A variant writes only ``attend(q, k, v)``:
+
+    q: (B, H, Tq, hd), k and v: (B, H, Tk, hd)  ->  (B, H, Tq, hd)
+
+where the Tq queries are the *last* Tq of the Tk positions (Tq == Tk in a full forward,
+Tq == 1 when decoding), so one ``attend`` serves both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zoo.contract import SequenceMixer
+from zoo.errors import ZooConfigError
+from zoo.nn.positions import Rotary, alibi_bias, alibi_slopes
+
+
+class AttentionMixer(SequenceMixer):
+    """Multi-head attention with a pluggable ``attend``.
+
+    Args:
+        d_model: model width.
+        causal: position t attends only to positions <= t.
+        n_heads: number of heads.
+        head_dim: width of one head (default ``d_model // n_heads``).
+        position: ``rope`` or ``alibi`` act here; ``none`` and the additive schemes
+            (applied by the model at the embedding) leave the core unchanged.
+        rope_base: RoPE frequency base.
+        bias: biases on the projections.
+        dropout: dropout on the attention probabilities (training only).
+        backend: implementation of ``attend`` (see the subclass's ``BACKENDS``).
+    """
+
+    POSITIONS: tuple[str, ...] = ("none", "sinusoidal", "learned", "rope", "alibi")
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        causal: bool,
+        n_heads: int = 8,
+        head_dim: int | None = None,
+        position: str = "none",
+        rope_base: float = 10_000.0,
+        bias: bool = False,
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__(d_model, causal=causal, backend=backend)
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ZooConfigError(
+                    f"d_model={d_model} is not divisible by n_heads={n_heads}; "
+                    "choose n_heads dividing d_model or set head_dim"
+                )
+            head_dim = d_model // n_heads
+        if position not in self.POSITIONS:
+            raise ZooConfigError(
+                f"{type(self).__name__} cannot use position={position!r}; "
+                f"allowed: {', '.join(self.POSITIONS)}"
+            )
+        self.n_heads, self.head_dim, self.position = n_heads, head_dim, position
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=bias)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.rotary = Rotary(head_dim, rope_base) if position == "rope" else None
+        if position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+
+    # -- projections ---------------------------------------------------------------------
+    def project(self, x: torch.Tensor, start: int = 0):
+        """(B, T, d) -> q, k, v each (B, H, T, hd), RoPE applied from position ``start``."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        return q, k, v
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, hd) -> (B, T, d_model) through the output projection."""
+        B, H, T, hd = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        return self.merge(self.attend(*self.project(x)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
+
+    # -- what a variant's attend needs ---------------------------------------------------
+    @property
+    def uses_alibi(self) -> bool:
+        return self.position == "alibi"
+
+    def positions(self, tq: int, tk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute positions of the queries (the last tq) and of the keys."""
+        k_pos = torch.arange(tk, device=device)
+        return k_pos[tk - tq :], k_pos
+
+    def score_bias(self, tq: int, tk: int, device: torch.device, dtype: torch.dtype):
+        """Additive bias on the scores, (H or 1, tq, tk): ALiBi and the causal mask; or None."""
+        if not self.uses_alibi and not (self.causal and tq > 1):
+            return None
+        q_pos, k_pos = self.positions(tq, tk, device)
+        if self.uses_alibi:
+            bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(dtype)
+        else:
+            bias = torch.zeros(1, tq, tk, device=device, dtype=dtype)
+        if self.causal:
+            bias = bias.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        return bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
+            f"position={self.position!r}"
+        )
+
