@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import D_MODEL, build_tiny, sequence_cases
+
 from zoo.registry import default_registry
 
 CASES = sequence_cases()

@@ -62,14 +62,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    before = os.environ.get(ENV_VAR)
     if args.registry:  # through the environment, so that subprocesses see the same registry
         paths = [os.path.abspath(p) for p in args.registry]
-        os.environ[ENV_VAR] = os.pathsep.join(filter(None, [os.environ.get(ENV_VAR), *paths]))
+        os.environ[ENV_VAR] = os.pathsep.join(filter(None, [before, *paths]))
     try:
         return args.func(args)
     except ZooConfigError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = before
 
 
 if __name__ == "__main__":

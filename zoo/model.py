@@ -93,8 +93,6 @@ class ZooModel(nn.Module):
         self.pos = additive[cfg.position](cfg.d_model, cfg.max_len) if cfg.position in additive else None
         self.drop = nn.Dropout(cfg.dropout)
 
-        seq_args = mixer_kwargs(reg, cfg.mixers, cfg.mixer_args, "mixer_args")
-        ch_args = mixer_kwargs(reg, cfg.channels, cfg.channel_args, "channel_args")
         for n in cfg.mixers:
             if reg.mixer(n).kind != "sequence_mixers":
                 raise ZooConfigError(f"model.mixer: {n!r} is a channel mixer; sequence mixers: "
@@ -103,13 +101,15 @@ class ZooModel(nn.Module):
             if reg.mixer(n).kind != "channel_mixers":
                 raise ZooConfigError(f"model.channel: {n!r} is a sequence mixer; channel mixers: "
                                      f"{', '.join(reg.names('channel_mixers'))}")
+        seq_args = mixer_kwargs(reg, cfg.mixers, cfg.mixer_args, "mixer_args")
+        ch_args = mixer_kwargs(reg, cfg.channels, cfg.channel_args, "channel_args")
         self.blocks = nn.ModuleList(
             Block(
                 reg.build_mixer(m, cfg.d_model, causal=cfg.causal, position=cfg.position, **seq_args[m]),
                 reg.build_mixer(c, cfg.d_model, **ch_args[c]),
                 cfg,
             )
-            for m, c in zip(cfg.mixers, cfg.channels)
+            for m, c in zip(cfg.mixers, cfg.channels, strict=True)
         )
         self.norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_position == "pre" else nn.Identity()
         if cfg.head == "lm":
@@ -166,7 +166,7 @@ class ZooModel(nn.Module):
         pos = state[0]["pos"]
         x = self.embed_tokens(token_t[:, None], start=pos)[:, 0]
         new = [{"pos": pos + 1}]
-        for block, s in zip(self.blocks, state[1:]):
+        for block, s in zip(self.blocks, state[1:], strict=True):
             x, s = block.step(x, s)
             new.append(s)
         return self.head(self.norm(x)), new

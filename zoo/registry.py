@@ -111,7 +111,7 @@ def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
     names, var = accepted_kwargs(cls)
     bad = [k for k in kwargs if k not in names]
     if bad and not var:
-        raise unknown(f"hyper-parameter of {what}", bad[0], names)
+        raise ZooConfigError(f"{what}: {unknown('hyper-parameter', bad[0], names)}")
     sig = inspect.signature(cls).parameters
     for k, v in kwargs.items():
         default = sig[k].default if k in sig else inspect.Parameter.empty
