@@ -1,0 +1,82 @@
+"""Measurement: time (side by side, alternating), bytes saved for backward, FLOPs.
+
+Time uses ``torch.utils.benchmark.Timer.blocked_autorange`` (median of blocks; synchronizes
+CUDA) with an explicit thread count. Several candidates are timed in alternating rounds (the
+order rotates each round) and compared by the median of per-round ratios, because on a shared
+machine whichever side runs first is otherwise penalised by several percent.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class Timing:
+    name: str
+    rounds: list[float]  # median seconds per call, one per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+
+def compare_times(
+    cases: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 5,
+    min_run_time: float = 0.3,
+    num_threads: int | None = None,
+    warmup: int = 2,
+) -> dict[str, Timing]:
+    """Time each zero-argument callable, alternating them over ``rounds`` rounds."""
+    threads = num_threads or torch.get_num_threads()
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    out = {name: Timing(name, []) for name in cases}
+    names = list(cases)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t = benchmark.Timer("fn()", globals={"fn": cases[name]}, num_threads=threads)
+            out[name].rounds.append(t.blocked_autorange(min_run_time=min_run_time).median)
+    return out
+
+
+def ratio(timings: dict[str, Timing], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b)."""
+    return statistics.median(x / y for x, y in zip(timings[a].rounds, timings[b].rounds, strict=True))
+
+
+def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward during ``fn()`` (storage counted once).
+
+    Exact and machine-independent: it is what the backward pass must keep alive, the part of
+    training memory that grows with sequence length.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of ``fn()`` by ``FlopCounterMode`` (matmuls, convolutions and attention kernels;
+    elementwise ops, softmax, scans and custom kernels are not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
