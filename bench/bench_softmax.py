@@ -68,7 +68,7 @@ def main() -> None:
         cands = candidates(T)
         cases = {n: fwd_bwd(f, qkv) for n, f in cands.items()}
         t = compare_times(cases, rounds=a.rounds, num_threads=a.threads)
-        saved = {n: saved_tensor_bytes(lambda f=f: f(*qkv)) for n, f in cands.items()}
+        saved = {n: saved_tensor_bytes(lambda f=f, qkv=qkv: f(*qkv)) for n, f in cands.items()}
         print(f"| {T} | {ratio(t, 'zoo', 'sdpa'):.3f} | {ratio(t, 'zoo', 'textbook'):.3f} | "
               f"{t['zoo'].median * 1e3:.1f} | {t['sdpa'].median * 1e3:.1f} | "
               f"{t['textbook'].median * 1e3:.1f} | {saved['zoo']:,} | {saved['textbook']:,} |")
