@@ -96,6 +96,8 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Additive bias -slope * |i - j| of shape (H, Tq, Tk) for query and key positions."""
-    dist = (q_pos[:, None] - k_pos[None, :]).abs().to(slopes.dtype)  # (Tq, Tk)
-    return -slopes[:, None, None] * dist
+    """Additive bias -slope * |i - j|: (H, Tq, Tk) for 1-d positions, else (H, *broadcast)."""
+    if q_pos.dim() == 1 and k_pos.dim() == 1:
+        q_pos, k_pos = q_pos[:, None], k_pos[None, :]
+    dist = (q_pos - k_pos).abs().to(slopes.dtype)
+    return -slopes.view(-1, *[1] * dist.dim()) * dist

@@ -1,0 +1,72 @@
+"""Linformer (Wang et al. 2020): keys and values projected along the sequence to length k.
+
+    y = softmax(Q (E K)^T / sqrt(d)) (F V),   E, F: learned (k x max_len)
+
+Bidirectional only, as published: E mixes all positions, so position t's output depends on
+every input. Inputs shorter than ``max_len`` use the first T columns of E and F (as the
+reference implementation does); longer inputs are an error. E and F may be shared between K
+and V (``share_kv``) and are shared across heads unless ``share_heads=False``.
+
+Backends: ``reference`` writes the projection and the attention as plain einsums and a
+softmax; ``torch`` projects with one matmul and attends with ``scaled_dot_product_attention``.
+Time O(T k d), memory O(T k).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.contract import REFERENCE, TORCH
+from zoo.errors import ZooConfigError
+from zoo.nn.attention import AttentionMixer
+
+
+class LinformerAttention(AttentionMixer):
+    BACKENDS = {"reference": REFERENCE, "torch": TORCH}
+    AUTO_ORDER = ("torch",)
+    POSITIONS = ("none", "sinusoidal", "learned")
+
+    def __init__(self, d_model: int, *, causal: bool, max_len: int = 4096, k: int = 256,
+                 share_kv: bool = False, share_heads: bool = True, **attention):
+        if causal:
+            raise ZooConfigError(
+                "linformer cannot be causal: its projection E mixes all positions along the "
+                "sequence, so every output sees the future. Use it with causal=False."
+            )
+        super().__init__(d_model, causal=False, **attention)
+        if k < 1 or max_len < 1:
+            raise ZooConfigError(f"linformer needs k >= 1 and max_len >= 1, got k={k}, max_len={max_len}")
+        self.max_len, self.k, self.share_kv, self.share_heads = max_len, k, share_kv, share_heads
+        shape = (max_len, k) if share_heads else (self.n_heads, max_len, k)
+        bound = 1 / math.sqrt(k)
+        self.proj_k = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.proj_v = None if share_kv else nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+    def attend(self, q, k, v):
+        T = k.shape[-2]
+        if T > self.max_len:
+            raise ZooConfigError(
+                f"linformer was built for max_len={self.max_len} positions and got {T}; "
+                "build it with max_len >= the longest input"
+            )
+        E = self.proj_k[..., :T, :]  # (T, k) or (H, T, k)
+        Fm = E if self.proj_v is None else self.proj_v[..., :T, :]
+        if self.backend_for(q.device) == "reference":
+            eq = "bhtd,tk->bhkd" if self.share_heads else "bhtd,htk->bhkd"
+            kp, vp = torch.einsum(eq, k, E), torch.einsum(eq, v, Fm)
+            scores = torch.einsum("bhnd,bhkd->bhnk", q, kp) * self.scale
+            return torch.einsum("bhnk,bhkd->bhnd", scores.softmax(-1), vp)
+        if not self.share_heads:
+            E, Fm = E[None], Fm[None]
+        kp = E.transpose(-2, -1) @ k  # (B, H, k, d)
+        vp = Fm.transpose(-2, -1) @ v
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, kp, vp, dropout_p=p)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, max_len={self.max_len}, k={self.k}, "
+                f"share_kv={self.share_kv}, share_heads={self.share_heads}")

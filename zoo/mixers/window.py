@@ -1,0 +1,202 @@
+"""Longformer sliding-window attention with global tokens (Beltagy et al. 2020).
+
+Who attends to whom (i a query position, j a key position, r = (window - 1) * dilation + 1):
+  window    causal: 0 <= i - j < r;  bidirectional: |i - j| < r;  and (i - j) % dilation == 0,
+            so a query sees ``window`` keys on each allowed side, itself included;
+  global    a global position attends to every position and every position attends to it
+            (causal: still only j <= i). Global positions are ``global_tokens`` (a list) and
+            every ``global_every``-th position. They use the same projections as the rest
+            (Longformer has separate global projections; here one set serves both).
+
+Backends:
+  reference  the dense T x T mask of that rule, textbook attention;
+  torch      blocked: queries in blocks of ``block``, each attending the keys of the blocks
+             within reach plus the global keys, through ``scaled_dot_product_attention`` with a
+             per-block mask; the global queries' rows are computed separately. Time and memory
+             grow as O(T (r + block + G)); no T x T tensor exists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from zoo.contract import REFERENCE, TORCH
+from zoo.errors import ZooConfigError
+from zoo.nn.attention import AttentionMixer
+from zoo.nn.positions import alibi_bias
+
+
+class WindowAttention(AttentionMixer):
+    BACKENDS = {"reference": REFERENCE, "torch": TORCH}
+    AUTO_ORDER = ("torch",)
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        causal: bool,
+        window: int = 256,
+        dilation: int = 1,
+        global_tokens: list[int] | tuple[int, ...] = (),
+        global_every: int = 0,
+        block: int = 0,
+        **attention,
+    ):
+        super().__init__(d_model, causal=causal, **attention)
+        if window < 1 or dilation < 1 or global_every < 0 or block < 0:
+            raise ZooConfigError(
+                f"window needs window >= 1, dilation >= 1, global_every >= 0, block >= 0; got "
+                f"window={window}, dilation={dilation}, global_every={global_every}, block={block}"
+            )
+        if any((not isinstance(g, int)) or g < 0 for g in global_tokens):
+            raise ZooConfigError(f"global_tokens must be non-negative positions, got {list(global_tokens)}")
+        self.window, self.dilation = window, dilation
+        self.global_tokens, self.global_every = tuple(sorted(set(global_tokens))), global_every
+        self.reach = (window - 1) * dilation + 1
+        self.block = block or min(self.reach, 128)  # 128: fastest at window 256 on the CPU
+
+    # -- who attends to whom --------------------------------------------------------------
+    def global_positions(self, T: int, device) -> torch.Tensor:
+        g = {p for p in self.global_tokens if p < T}
+        if self.global_every:
+            g.update(range(0, T, self.global_every))
+        return torch.tensor(sorted(g), dtype=torch.long, device=device)
+
+    def band(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Window rule for query positions (..., Tq, 1) and key positions (..., 1, Tk)."""
+        d = q_pos - k_pos
+        ok = (d.abs() < self.reach) & (d % self.dilation == 0)
+        return ok & (d >= 0) if self.causal else ok
+
+    def dense_mask(self, T: int, device) -> torch.Tensor:
+        """(T, T) bool, True where query i may attend key j."""
+        pos = torch.arange(T, device=device)
+        is_g = torch.zeros(T, dtype=torch.bool, device=device)
+        is_g[self.global_positions(T, device)] = True
+        ok = self.band(pos[:, None], pos[None, :]) | is_g[None, :] | is_g[:, None]
+        return ok & (pos[None, :] <= pos[:, None]) if self.causal else ok
+
+    def attend(self, q, k, v):
+        T = k.shape[-2]  # decoding goes through step(), so Tq == Tk here
+        if self.backend_for(q.device) == "reference":
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            if self.uses_alibi:
+                pos = torch.arange(T, device=q.device)
+                scores = scores + alibi_bias(self.alibi_slopes, pos, pos).to(q.dtype)
+            scores = scores.masked_fill(~self.dense_mask(T, q.device), float("-inf"))
+            return scores.softmax(-1) @ v
+        return self._attend_blocked(q, k, v)
+
+    # -- the blocked backend ----------------------------------------------------------------
+    def _attend_blocked(self, q, k, v):
+        B, H, T, hd = q.shape
+        b = self.block
+        L = math.ceil((self.reach - 1) / b)  # blocks of look-back (and look-ahead)
+        n = math.ceil(T / b)
+        Tp = n * b
+        span = (L + 1 if self.causal else 2 * L + 1) * b  # keys per query block
+        after = 0 if self.causal else L * b
+        glob = self.global_positions(T, q.device)
+        G = glob.numel()
+
+        # Blocks become batch entries, (B*n, H, ., hd), so that SDPA runs its fused 4-d kernel.
+        qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, hd).transpose(1, 2).reshape(B * n, H, b, hd)
+        kp = F.pad(k, (0, 0, L * b, Tp - T + after))  # (B, H, L*b + Tp + after, hd)
+        vp = F.pad(v, (0, 0, L * b, Tp - T + after))
+        kw = kp.unfold(2, span, b).permute(0, 2, 1, 4, 3)  # (B, n, H, span, hd)
+        vw = vp.unfold(2, span, b).permute(0, 2, 1, 4, 3)
+        if G:
+            kw = torch.cat((kw, k[:, None, :, glob].expand(B, n, H, G, hd)), 3)
+            vw = torch.cat((vw, v[:, None, :, glob].expand(B, n, H, G, hd)), 3)
+        K = span + G
+        kw, vw = kw.reshape(B * n, H, K, hd), vw.reshape(B * n, H, K, hd)
+
+        mask = self._block_mask(T, n, b, L, span, glob)  # (n, b, K) bool
+        if self.uses_alibi:
+            bias = alibi_bias(self.alibi_slopes, *self._block_positions(n, b, L, span, glob))
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf")).transpose(0, 1)  # (n, H, b, K)
+        else:
+            mask = mask[:, None]  # (n, 1, b, K)
+        mask = mask.expand(B, *mask.shape).reshape(B * n, *mask.shape[1:])
+        y = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask)  # (B*n, H, b, hd)
+        y = y.view(B, n, H, b, hd).transpose(1, 2).reshape(B, H, Tp, hd)[:, :, :T]
+        if G:  # global queries see everything (causal: everything before them)
+            kpos = torch.arange(T, device=q.device)
+            gmask = (kpos[None, :] <= glob[:, None]) if self.causal else None
+            if self.uses_alibi:
+                bias = alibi_bias(self.alibi_slopes, glob, kpos).to(q.dtype)
+                gmask = bias if gmask is None else bias.masked_fill(~gmask, float("-inf"))
+            yg = F.scaled_dot_product_attention(q[:, :, glob], k, v, attn_mask=gmask)
+            y = y.index_copy(2, glob, yg)
+        return y
+
+    def _block_positions(self, n, b, L, span, glob):
+        dev = glob.device
+        start = torch.arange(n, device=dev)[:, None, None] * b
+        q_pos = start + torch.arange(b, device=dev)[None, :, None]  # (n, b, 1)
+        k_pos = start - L * b + torch.arange(span, device=dev)[None, None, :]  # (n, 1, span)
+        k_pos = torch.cat((k_pos, glob.expand(n, 1, -1)), -1)  # (n, 1, span + G)
+        return q_pos, k_pos
+
+    def _block_mask(self, T, n, b, L, span, glob):
+        q_pos, k_pos = self._block_positions(n, b, L, span, glob)
+        win, gcol = k_pos[..., :span], k_pos[..., span:]
+        is_g = torch.zeros(T + 1, dtype=torch.bool, device=glob.device)
+        is_g[glob] = True
+        real = (win >= 0) & (win < T)
+        # window keys: in band, real, and not global (global keys are counted in their own columns)
+        ok_w = self.band(q_pos, win) & real & ~is_g[win.clamp(0, T)]
+        ok_w = ok_w | ((q_pos >= T) & (win == q_pos))  # padded queries see themselves only (no empty rows)
+        ok_g = (gcol <= q_pos) if self.causal else torch.ones_like(gcol <= q_pos)
+        return torch.cat((ok_w, ok_g.expand(n, b, -1)), -1)
+
+    # -- decoding: a rolling window of keys and values, plus the global ones ----------------
+    def init_state(self, batch, device=None, dtype=None) -> dict:
+        if not self.causal:
+            raise ZooConfigError("window decoding needs causal=True")
+        if self.global_every or any(g >= self.window for g in self.global_tokens):
+            raise ZooConfigError(
+                "window decoding keeps a rolling window of keys plus the global ones; a global "
+                f"position at or after window={self.window} would need the whole history. Decode "
+                "with global_tokens < window and global_every = 0."
+            )
+        w = self.qkv.weight
+        kw = {"device": device or w.device, "dtype": dtype or w.dtype}
+        ring = (batch, self.n_heads, self.reach, self.head_dim)
+        glob = (batch, self.n_heads, len(self.global_tokens), self.head_dim)
+        return {"k": torch.zeros(ring, **kw), "v": torch.zeros(ring, **kw),
+                "gk": torch.zeros(glob, **kw), "gv": torch.zeros(glob, **kw), "length": 0}
+
+    def step(self, x_t, state):
+        """x_t (B, d) -> y_t (B, d). Keys: a ring of the last ``reach`` positions (written in
+        place) and a buffer of the global positions seen so far."""
+        n = state["length"]
+        q, k, v = self.project(x_t[:, None], start=n)  # (B, H, 1, hd)
+        dev = q.device
+        gpos = torch.tensor(self.global_tokens, dtype=torch.long, device=dev)
+        slot = n % self.reach
+        state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
+        if n in self.global_tokens:
+            g = self.global_tokens.index(n)
+            state["gk"][:, :, g], state["gv"][:, :, g] = k[:, :, 0], v[:, :, 0]
+        slots = torch.arange(self.reach, device=dev)
+        pos = n - ((slot - slots) % self.reach)  # absolute position in each slot (< 0: empty)
+        ok_ring = (pos >= 0) & ~torch.isin(pos, gpos)  # global keys come from their own buffer
+        if n not in self.global_tokens:  # a global query (n < window) sees every cached key
+            ok_ring = ok_ring & self.band(torch.tensor(n, device=dev), pos)
+        ok = torch.cat((ok_ring, gpos <= n))
+        K = torch.cat((state["k"], state["gk"]), 2)
+        V = torch.cat((state["v"], state["gv"]), 2)
+        scores = (q @ K.transpose(-2, -1)) * self.scale  # (B, H, 1, reach + G)
+        if self.uses_alibi:
+            kpos = torch.cat((pos, gpos))
+            scores = scores + alibi_bias(self.alibi_slopes, torch.tensor([n], device=dev), kpos).to(q.dtype)
+        y = scores.masked_fill(~ok, float("-inf")).softmax(-1) @ V
+        return self.merge(y)[:, 0], {**state, "length": n + 1}
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, window={self.window}, dilation={self.dilation}, "
+                f"global_tokens={list(self.global_tokens)}, global_every={self.global_every}")
