@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.measure import compare_times, ratio, saved_tensor_bytes
+from zoo.measure import compare_times, keep_freed_memory, ratio, saved_tensor_bytes
 
 H, HD = 8, 64
 
@@ -59,8 +59,11 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse, as a caching allocator does (zoo.measure.keep_freed_memory)")
     a = p.parse_args()
-    print(f"torch {torch.__version__}, {a.threads} threads, fp32, B=1 H={H} hd={HD}, causal, forward+backward")
+    alloc = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
+    print(f"torch {torch.__version__}, {alloc}, {a.threads} threads, fp32, B=1 H={H} hd={HD}, causal, forward+backward")
     print("| T | zoo / sdpa | zoo / textbook | zoo ms | sdpa ms | textbook ms | saved bytes zoo | saved bytes textbook |")
     print("|---|---|---|---|---|---|---|---|")
     for T in a.lengths:

@@ -8,6 +8,9 @@ machine whichever side runs first is otherwise penalised by several percent.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +18,26 @@ from dataclasses import dataclass
 import torch
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on
+    free, so each large tensor is page-faulted in (and zeroed by the kernel) again on every
+    call: at N=16384 that tripled the forward+backward time of linear attention on the CPU and
+    bent every growth slope upwards. A caching allocator (PyTorch's on CUDA; jemalloc or
+    tcmalloc via LD_PRELOAD on the CPU) avoids this; this call does the same for glibc. It
+    applies to every candidate of a benchmark alike. Returns what it did, for the record.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**30) == 1
+    except (OSError, AttributeError, TypeError):
+        ok = False
+    return "glibc malloc, freed memory kept (mmap off)" if ok else "system allocator (unchanged)"
 
 
 @dataclass
@@ -53,6 +76,13 @@ def compare_times(
 def ratio(timings: dict[str, Timing], a: str, b: str) -> float:
     """Median over rounds of time(a) / time(b)."""
     return statistics.median(x / y for x, y in zip(timings[a].rounds, timings[b].rounds, strict=True))
+
+
+def loglog_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) against log(x): the exponent of the growth y ~ x^slope."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:

@@ -154,6 +154,15 @@ class ZooModel(nn.Module):
                 total[name] = total[name] + value if name in total else value
         return total
 
+    def aux_metrics(self) -> dict[str, torch.Tensor]:
+        """Detached diagnostics of the last forward (e.g. MoE utilisation), by layer."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            for part in (block.mixer, block.channel):
+                for name, value in getattr(part, "aux_metrics", {}).items():
+                    out[f"layer{i}/{name}"] = value
+        return out
+
     # -- decoding ------------------------------------------------------------------------
     def init_state(self, batch: int) -> list[Any]:
         missing = [type(b.mixer).__name__ for b in self.blocks if not hasattr(b.mixer, "step")]

@@ -78,8 +78,7 @@ class LSHAttention(AttentionMixer):
 
     def attend(self, q, k, v):
         B, H, T, hd = q.shape
-        nb, c = self.buckets_for(T), self.bucket_size
-        buckets = self.hash(q, nb)  # (B, H, r, T)
+        buckets = self.hash(q, self.buckets_for(T))  # (B, H, r, T)
         pos = torch.arange(T, device=q.device)
         order = (buckets * T + pos).argsort(-1)  # sort by (bucket, position), per round
         if self.backend_for(q.device) == "reference":

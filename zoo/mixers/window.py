@@ -104,10 +104,13 @@ class WindowAttention(AttentionMixer):
 
         # Blocks become batch entries, (B*n, H, ., hd), so that SDPA runs its fused 4-d kernel.
         qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, hd).transpose(1, 2).reshape(B * n, H, b, hd)
-        kp = F.pad(k, (0, 0, L * b, Tp - T + after))  # (B, H, L*b + Tp + after, hd)
-        vp = F.pad(v, (0, 0, L * b, Tp - T + after))
-        kw = kp.unfold(2, span, b).permute(0, 2, 1, 4, 3)  # (B, n, H, span, hd)
-        vw = vp.unfold(2, span, b).permute(0, 2, 1, 4, 3)
+        # Keys of query block i: key blocks i - L .. i (+ L when bidirectional), as shifted views
+        # of the padded key blocks concatenated along the key axis (cheaper backward than unfold).
+        nk = span // b
+        kp = F.pad(k, (0, 0, L * b, Tp - T + after)).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
+        vp = F.pad(v, (0, 0, L * b, Tp - T + after)).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
+        kw = torch.cat([kp[:, i : i + n] for i in range(nk)], dim=3)  # (B, n, H, span, hd)
+        vw = torch.cat([vp[:, i : i + n] for i in range(nk)], dim=3)
         if G:
             kw = torch.cat((kw, k[:, None, :, glob].expand(B, n, H, G, hd)), 3)
             vw = torch.cat((vw, v[:, None, :, glob].expand(B, n, H, G, hd)), 3)

@@ -1,0 +1,160 @@
+"""Mixture-of-experts FFN with top-k routing and load balancing (Shazeer et al. 2017; Fedus et
+al. 2021, Switch Transformer; Zoph et al. 2022, ST-MoE).
+
+    probs = softmax(router(x));  (w, e) = top-k(probs);  y = sum_k w_k * expert_{e_k}(x)
+
+- Experts are SwiGLU or GELU MLPs without biases, stored stacked: ``w_in`` (E, 2h or h, d) and
+  ``w_out`` (E, d, h), the layout of Hugging Face's ``MixtralExperts`` (gate rows, then up rows).
+- ``renormalize``: the k weights are divided by their sum (Mixtral); otherwise they are the raw
+  router probabilities (Switch).
+- ``capacity_factor`` c > 0: each expert takes at most ceil(c * k * N / E) of the N tokens'
+  assignments; assignments are served in priority order (every token's first choice before any
+  second choice, then by position), the rest are dropped. A dropped assignment contributes
+  nothing, so a token whose every assignment is dropped passes through the block's residual
+  unchanged. ``capacity_factor = 0`` is dropless.
+- Auxiliary losses (``self.aux_losses``, added to the training loss by the harness):
+  ``moe_balance`` = balance_weight * E * sum_i f_i P_i, with f_i the fraction of the N tokens'
+  assignments that chose expert i (before dropping; sums to k) and P_i the mean router
+  probability of expert i, equal to Hugging Face's ``load_balancing_loss_func``; its minimum k
+  is reached by uniform routing; ``moe_z`` = z_weight * mean(logsumexp(router logits)^2).
+- Utilisation (``self.aux_metrics``, detached): the normalised entropy of the expert loads
+  (1 = perfectly even), the largest load over the mean load, and the fraction of assignments
+  and of tokens dropped. ``self.tokens_per_expert`` holds the last counts.
+No state outlives a forward, so DDP needs nothing special: each rank balances its own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.errors import ZooConfigError, unknown
+
+EXPERTS = ("swiglu", "mlp")
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Router arithmetic in at least fp32 (bf16/fp16 logits are widened, fp64 kept)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def balance_loss(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i P_i from router logits (N, E) and the assignments per expert (E,)."""
+    probs = _wide(logits).softmax(-1)
+    f = counts.to(probs.dtype) / probs.shape[0]
+    return probs.shape[-1] * (f * probs.mean(0)).sum()
+
+
+def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The Switch loss in Mixtral's top-k form, from router logits alone."""
+    chosen = _wide(logits).topk(top_k, dim=-1).indices
+    return balance_loss(logits, torch.bincount(chosen.flatten(), minlength=logits.shape[-1]))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return _wide(logits).logsumexp(-1).pow(2).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, *, n_experts: int = 8, top_k: int = 2, hidden: int = 0,
+                 expert: str = "swiglu", renormalize: bool = True, capacity_factor: float = 0.0,
+                 balance_weight: float = 0.01, z_weight: float = 0.001):
+        super().__init__()
+        if expert not in EXPERTS:
+            raise unknown("expert kind of moe", expert, EXPERTS)
+        if not 1 <= top_k <= n_experts:
+            raise ZooConfigError(f"moe needs 1 <= top_k <= n_experts, got top_k={top_k}, n_experts={n_experts}")
+        if capacity_factor < 0 or balance_weight < 0 or z_weight < 0:
+            raise ZooConfigError("moe capacity_factor, balance_weight and z_weight must be >= 0")
+        hidden = hidden or 4 * d_model
+        self.n_experts, self.top_k, self.hidden, self.expert = n_experts, top_k, hidden, expert
+        self.renormalize, self.capacity_factor = renormalize, capacity_factor
+        self.balance_weight, self.z_weight = balance_weight, z_weight
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        rows = 2 * hidden if expert == "swiglu" else hidden
+        self.w_in = nn.Parameter(torch.empty(n_experts, rows, d_model))
+        self.w_out = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        for w in (self.w_in, self.w_out):  # nn.Linear's default init, per expert
+            bound = 1 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.aux_metrics: dict[str, torch.Tensor] = {}
+        self.tokens_per_expert = torch.zeros(n_experts, dtype=torch.long)
+
+    def capacity(self, n_tokens: int) -> int:
+        return math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts)
+
+    def route(self, logits: torch.Tensor):
+        """Router logits (N, E) -> weights (N, k), experts (N, k)."""
+        probs = _wide(logits).softmax(-1)
+        w, e = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            w = w / w.sum(-1, keepdim=True)
+        return w, e
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        N, E, k = x2.shape[0], self.n_experts, self.top_k
+        logits = self.router(x2)  # (N, E)
+        w, e = self.route(logits)
+        # Assignments in priority order (slot-major: all first choices, then second, ...),
+        # then grouped by expert with a stable sort, so each group keeps that priority.
+        flat_e = e.t().reshape(-1)  # (k*N,)
+        order = flat_e.argsort(stable=True)
+        tokens = (order % N)  # token of each sorted assignment
+        counts = torch.bincount(flat_e, minlength=E)
+        weights = w.t().reshape(-1)[order].to(x.dtype)
+        kept = counts
+        if self.capacity_factor > 0:
+            cap = self.capacity(N)
+            start = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(k * N, device=x.device) - start.repeat_interleave(counts)
+            keep = rank < cap
+            tokens, weights = tokens[keep], weights[keep]
+            kept = counts.clamp(max=cap)
+        xs = x2.index_select(0, tokens)  # (M, d), grouped by expert
+        outs = []
+        for i, (xe, n) in enumerate(zip(xs.split(kept.tolist()), kept.tolist(), strict=True)):
+            if n:
+                outs.append(self._expert(i, xe))
+        ys = torch.cat(outs) * weights[:, None] if outs else xs[:0]
+        y = torch.zeros_like(x2).index_add_(0, tokens, ys)
+        self._account(logits, counts, kept, tokens, N)
+        return y.view(shape)
+
+    def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.w_in[i])
+        if self.expert == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.linear(h, self.w_out[i])
+
+    def _account(self, logits, counts, kept, tokens, N):
+        aux = {}
+        if self.balance_weight:
+            aux["moe_balance"] = self.balance_weight * balance_loss(logits, counts)
+        if self.z_weight:
+            aux["moe_z"] = self.z_weight * router_z_loss(logits)
+        self.aux_losses = aux
+        with torch.no_grad():
+            load = counts.float() / counts.sum()
+            entropy = -(load * load.clamp_min(1e-12).log()).sum() / max(math.log(self.n_experts), 1e-12)
+            served = torch.zeros(N, dtype=torch.bool, device=counts.device)
+            served[tokens] = True
+            self.aux_metrics = {
+                "moe_load_entropy": entropy,
+                "moe_max_load": load.max() * self.n_experts,
+                "moe_dropped_assignments": 1 - kept.sum() / counts.sum(),
+                "moe_dropped_tokens": 1 - served.float().mean(),
+            }
+            self.tokens_per_expert = counts.detach()
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}, expert={self.expert!r}, "
+                f"renormalize={self.renormalize}, capacity_factor={self.capacity_factor}")
