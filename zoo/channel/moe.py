@@ -66,7 +66,9 @@ class MoE(nn.Module):
         if expert not in EXPERTS:
             raise unknown("expert kind of moe", expert, EXPERTS)
         if not 1 <= top_k <= n_experts:
-            raise ZooConfigError(f"moe needs 1 <= top_k <= n_experts, got top_k={top_k}, n_experts={n_experts}")
+            raise ZooConfigError(
+                f"moe needs 1 <= top_k <= n_experts, got top_k={top_k}, n_experts={n_experts}"
+            )
         if capacity_factor < 0 or balance_weight < 0 or z_weight < 0:
             raise ZooConfigError("moe capacity_factor, balance_weight and z_weight must be >= 0")
         hidden = hidden or 4 * d_model
@@ -156,5 +158,6 @@ class MoE(nn.Module):
             self.tokens_per_expert = counts.detach()
 
     def extra_repr(self) -> str:
-        return (f"n_experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}, expert={self.expert!r}, "
-                f"renormalize={self.renormalize}, capacity_factor={self.capacity_factor}")
+        return (f"n_experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}, "
+                f"expert={self.expert!r}, renormalize={self.renormalize}, "
+                f"capacity_factor={self.capacity_factor}")
