@@ -1,0 +1,74 @@
+"""MoE FFN against Hugging Face's MixtralSparseMoeBlock and a dense FFN of one expert's size.
+
+8 experts, top-2, d_model 512, expert hidden 2048 (SwiGLU), 4096 tokens, fp32, forward+backward,
+side by side in alternating rounds.
+
+    python bench/bench_moe.py                        # the table in docs/moe.md
+    pytest bench/bench_moe.py --benchmark-only       # pytest-benchmark timings
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import zoo
+from zoo.measure import compare_times, keep_freed_memory, ratio, saved_tensor_bytes
+
+D, HIDDEN, E, K, TOKENS = 512, 2048, 8, 2, 4096
+
+
+def cases() -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(1, TOKENS, D, requires_grad=True)
+    ours = zoo.build_mixer("moe", D, n_experts=E, top_k=K, hidden=HIDDEN)
+    dense = zoo.build_mixer("swiglu", D, hidden=HIDDEN)
+    out = {"zoo moe": lambda: ours(x), "dense ffn (one expert)": lambda: dense(x)}
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        cfg = MixtralConfig(hidden_size=D, intermediate_size=HIDDEN, num_local_experts=E, num_experts_per_tok=K)
+        peer = MixtralSparseMoeBlock(cfg)
+        with torch.no_grad():
+            peer.gate.weight.copy_(ours.router.weight)
+            peer.experts.gate_up_proj.copy_(ours.w_in)
+            peer.experts.down_proj.copy_(ours.w_out)
+        out["MixtralSparseMoeBlock"] = lambda: peer(x)
+    except ImportError as e:
+        print(f"(transformers not installed: {e}; pip install '.[peers]')")
+    return out
+
+
+def fwd_bwd(fn):
+    def run():
+        fn().sum().backward()
+    return run
+
+
+@pytest.mark.parametrize("name", ["zoo moe", "dense ffn (one expert)"])
+def test_moe_forward_backward(benchmark, name):
+    benchmark(fwd_bwd(cases()[name]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse, as a caching allocator does (zoo.measure.keep_freed_memory)")
+    a = p.parse_args()
+    alloc = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
+    print(f"torch {torch.__version__}, {alloc}, {a.threads} threads, fp32, {TOKENS} tokens, "
+          f"d {D}, hidden {HIDDEN}, {E} experts, top-{K}, forward+backward")
+    fns = cases()
+    t = compare_times({n: fwd_bwd(f) for n, f in fns.items()}, rounds=a.rounds, num_threads=a.threads)
+    print("\n| candidate | ms | zoo moe / candidate | saved MB |")
+    print("|---|---|---|---|")
+    for n, f in fns.items():
+        print(f"| {n} | {t[n].median * 1e3:.1f} | {ratio(t, 'zoo moe', n):.3f} | {saved_tensor_bytes(f) / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

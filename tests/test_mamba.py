@@ -1,0 +1,141 @@
+"""Mamba: fast scans equal the step-by-step reference; parity with mambapy and Hugging Face;
+decoding; state size; the CUDA kernel on GPU."""
+
+import pytest
+import torch
+
+import zoo
+from zoo.mixers import selective_scan
+
+D = 32
+
+
+def scan_inputs(L, dtype=torch.float32, Bsz=2, Dc=70, N=5):
+    g = torch.Generator().manual_seed(L)
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
+    A = (-torch.rand(Dc, N, generator=g, dtype=dtype) * 4).requires_grad_()
+    return [r(Bsz, L, Dc), r(Bsz, L, Dc), A, r(Bsz, L, N), r(Bsz, L, N), r(Dc), r(Bsz, L, Dc), r(Dc)]
+
+
+FAST = {
+    "cpp": lambda *a: selective_scan._CppScan.apply(*a, 16),
+    "chunked": lambda *a: selective_scan.chunked_scan(*a, chunk=16),
+}
+
+
+@pytest.mark.parametrize("L", [1, 7, 16, 33, 100])
+@pytest.mark.parametrize("impl", ["cpp", "chunked"])
+def test_fast_scans_equal_the_reference_fp32(impl, L):
+    if impl == "cpp" and not selective_scan.cpp_available():
+        pytest.skip("no C++ toolchain here; the chunked scan is the torch backend")
+    args = scan_inputs(L)
+    ref = selective_scan.reference_scan(*args)
+    fast = FAST[impl](*args)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b, name in zip(torch.autograd.grad(fast, args, g), torch.autograd.grad(ref, args, g),
+                          ["u", "delta", "A", "B", "C", "D", "z", "bias"], strict=True):
+        scale = b.abs().max().item()  # 1e-5 relative to the gradient's scale: sums over B*L reorder
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=f"d{name}")
+
+
+def test_torch_backend_falls_back_to_the_chunked_scan(monkeypatch):
+    monkeypatch.setattr(selective_scan, "cpp_available", lambda: False)
+    ref = zoo.build_mixer("mamba", D, d_state=4, backend="reference").double()
+    fast = zoo.build_mixer("mamba", D, d_state=4, backend="torch", chunk=8).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 29, D, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), ref(x))
+    bf = zoo.build_mixer("mamba", D, d_state=4).to(torch.bfloat16)  # no C++ kernel for bf16
+    assert torch.isfinite(bf(x.to(torch.bfloat16))).all()
+
+
+def test_parameters_follow_mamba_ssm():
+    m = zoo.build_mixer("mamba", 64)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "in_proj.weight": (256, 64), "conv1d.weight": (128, 1, 4), "conv1d.bias": (128,),
+        "x_proj.weight": (4 + 32, 128), "dt_proj.weight": (128, 4), "dt_proj.bias": (128,),
+        "A_log": (128, 16), "D": (128,), "out_proj.weight": (64, 128),
+    }
+    torch.testing.assert_close(m.A_log.exp()[0], torch.arange(1.0, 17.0))  # S4D-real
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+
+
+@pytest.mark.peers
+def test_matches_mambapy():
+    mamba = pytest.importorskip("mambapy.mamba")
+    peer = mamba.MambaBlock(mamba.MambaConfig(d_model=D, n_layers=1, d_state=8, expand_factor=2)).double()
+    ours = zoo.build_mixer("mamba", D, d_state=8).double()
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 50, D, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), peer(x))
+
+
+@pytest.mark.peers
+def test_matches_huggingface_mamba_mixer():
+    mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    from transformers import MambaConfig
+    cfg = MambaConfig(hidden_size=D, state_size=4, expand=2, conv_kernel=4, time_step_rank=2,
+                      use_bias=False, use_conv_bias=True)
+    peer = mm.MambaMixer(cfg, layer_idx=0).double()
+    ours = zoo.build_mixer("mamba", D, d_state=4, dt_rank=2).double()
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 12, D, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), peer(x), rtol=1e-8, atol=1e-9)
+
+
+def test_decode_state_is_constant_and_equals_forward():
+    m = zoo.build_mixer("mamba", D, d_state=4).double().eval()
+    x = torch.randn(2, 40, D, dtype=torch.float64)
+    state = m.init_state(2)
+    size = zoo.state_nbytes(state)
+    assert size == 2 * m.d_inner * (4 + 4) * 8  # conv (d_conv) + ssm (d_state) per channel
+    ys = []
+    with torch.no_grad():
+        for t in range(40):
+            y, state = m.step(x[:, t], state)
+            ys.append(y)
+        torch.testing.assert_close(torch.stack(ys, 1), m(x))
+    assert zoo.state_nbytes(state) == size
+
+
+def test_hybrid_model_decodes():
+    model = zoo.build_model({"mixer": ["mamba", "softmax"], "n_layers": 4, "d_model": D,
+                             "mixer_args": {"softmax": {"n_heads": 2}, "d_state": 4}}).double().eval()
+    tokens = torch.randint(0, 256, (2, 15))
+    state = model.init_state(2)
+    with torch.no_grad():
+        outs = [model.step(tokens[:, t], state) for t in range(1)]
+        logits = [outs[0][0]]
+        state = outs[0][1]
+        for t in range(1, 15):
+            out, state = model.step(tokens[:, t], state)
+            logits.append(out)
+        torch.testing.assert_close(torch.stack(logits, 1), model(tokens))
+
+
+def test_mamba_errors():
+    with pytest.raises(zoo.ZooConfigError, match=r"'mamba' is causal only"):
+        zoo.build_mixer("mamba", D, causal=False)
+    with pytest.raises(zoo.ZooConfigError, match=r"mamba needs d_state.*got d_state=0"):
+        zoo.build_mixer("mamba", D, d_state=0)
+    with pytest.raises(zoo.ZooConfigError, match=r"'mamba' cannot use position 'rope'"):
+        zoo.build_mixer("mamba", D, position="rope")
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        with pytest.raises(zoo.ZooConfigError, match=r"needs the package 'mamba_ssm' \(pip install 'zoo\[gpu\]'\)"):
+            zoo.build_mixer("mamba", D, backend="mamba_ssm")
+
+
+@pytest.mark.gpu
+def test_mamba_ssm_backend_matches_torch_backend():
+    pytest.importorskip("mamba_ssm")
+    ref = zoo.build_mixer("mamba", 64, backend="torch").cuda()
+    fast = zoo.build_mixer("mamba", 64, backend="mamba_ssm").cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 300, 64, device="cuda")
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-3, atol=1e-3)

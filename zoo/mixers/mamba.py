@@ -1,0 +1,138 @@
+"""Mamba-1 block (Gu & Dao 2023): the selective state-space mixer.
+
+    x, z   = in_proj(u)                                  (B, L, d_inner) each
+    x      = silu(causal depthwise conv1d(x))
+    dt,B,C = x_proj(x);  dt = dt_proj.weight @ dt        (B, L, d_inner), (B, L, N), (B, L, N)
+    delta  = softplus(dt + dt_proj.bias);  A = -exp(A_log)
+    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t x_t    (per channel: a diagonal N-state SSM)
+    y_t    = C_t . h_t + D x_t;   out = out_proj(y * silu(z))
+
+Parameter names and shapes follow ``mamba_ssm.modules.mamba_simple.Mamba`` (in_proj, conv1d,
+x_proj, dt_proj, A_log, D, out_proj), so a state dict moves unchanged between the zoo,
+mamba-ssm, mambapy's ``MambaBlock`` and Hugging Face's ``MambaMixer``; the initialisation is
+theirs too (S4D-real A, log-uniform dt in [dt_min, dt_max] through an inverse softplus).
+
+Backends of the selective scan (``zoo.mixers.selective_scan``):
+  reference  the step-by-step recurrence, a Python loop over time;
+  torch      the zoo's own scan: a compiled C++ kernel when it builds on this machine (CPU,
+             fp32/fp64; sequential in time, vectorised over channels, chunk states saved and
+             recomputed in backward), else a chunked parallel scan in PyTorch with per-chunk
+             recomputation. Neither holds (B, L, d_inner, N) for the whole sequence;
+  mamba_ssm  mamba-ssm's fused CUDA kernel (extra ``gpu``), with the same weights.
+Decoding: conv state (B, d_inner, d_conv) and SSM state (B, d_inner, N), constant in length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.contract import REFERENCE, TORCH, Backend, SequenceMixer
+from zoo.errors import ZooConfigError
+from zoo.mixers import selective_scan
+
+
+class Mamba(SequenceMixer):
+    BACKENDS = {
+        "reference": REFERENCE,
+        "torch": TORCH,
+        "mamba_ssm": Backend(package="mamba_ssm", extra="gpu", devices=("cuda",)),
+    }
+    AUTO_ORDER = ("mamba_ssm", "torch")
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        causal: bool = True,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int = 0,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        chunk: int = 64,
+        backend: str = "auto",
+    ):
+        if not causal:
+            raise ZooConfigError("mamba is causal only: its scan runs forward in time. Use causal=True.")
+        super().__init__(d_model, causal=True, backend=backend)
+        if dt_init not in ("random", "constant"):
+            raise ZooConfigError(f"mamba dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if min(d_state, d_conv, expand, chunk) < 1 or dt_rank < 0:
+            raise ZooConfigError(
+                f"mamba needs d_state, d_conv, expand, chunk >= 1 and dt_rank >= 0 (0 = ceil(d_model/16)); "
+                f"got d_state={d_state}, d_conv={d_conv}, expand={expand}, chunk={chunk}, dt_rank={dt_rank}"
+            )
+        self.d_state, self.d_conv, self.expand, self.chunk = d_state, d_conv, expand, chunk
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        di, N, R = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * di, bias=bias)
+        self.conv1d = nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(di, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, di, bias=True)
+        std = R**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(di) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32).repeat(di, 1)))
+        self.D = nn.Parameter(torch.ones(di))
+        self.out_proj = nn.Linear(di, d_model, bias=bias)
+
+    def ssm_inputs(self, x: torch.Tensor):
+        """(B, L, d_inner) conv output -> delta_raw (B, L, d_inner), B (B, L, N), C (B, L, N)."""
+        dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return dt @ self.dt_proj.weight.t(), Bm, Cm
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, L, d_model)
+        L = u.shape[1]
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, d_inner)
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :L]).transpose(1, 2)
+        delta, Bm, Cm = self.ssm_inputs(x)
+        A = -torch.exp(self.A_log.to(x.dtype))  # (d_inner, N)
+        y = selective_scan.scan(
+            self.backend_for(u.device), x, delta, A, Bm, Cm, self.D.to(x.dtype), z,
+            self.dt_proj.bias.to(x.dtype), chunk=self.chunk,
+        )
+        return self.out_proj(y)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        w = self.in_proj.weight
+        kw = {"device": device or w.device, "dtype": dtype or w.dtype}
+        return {"conv": torch.zeros(batch, self.d_inner, self.d_conv, **kw),
+                "ssm": torch.zeros(batch, self.d_inner, self.d_state, **kw)}
+
+    def step(self, u_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """u_t (B, d_model) -> (B, d_model); O(d_inner * (d_conv + N)) per token."""
+        x, z = self.in_proj(u_t).chunk(2, dim=-1)  # (B, d_inner)
+        conv = torch.cat((state["conv"][..., 1:], x[..., None]), -1)  # the last d_conv inputs
+        x = (conv * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        delta, Bm, Cm = self.ssm_inputs(x)
+        delta = F.softplus(delta + self.dt_proj.bias)  # (B, d_inner)
+        A = -torch.exp(self.A_log.to(x.dtype))
+        h = torch.exp(delta[..., None] * A) * state["ssm"] + (delta * x)[..., None] * Bm[:, None, :]
+        y = (h * Cm[:, None, :]).sum(-1) + self.D * x
+        return self.out_proj(y * F.silu(z)), {"conv": conv, "ssm": h}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, backend={self.backend!r}")

@@ -1,0 +1,130 @@
+"""Selective scans of Mamba-1: the reference loop, the zoo's fast CPU scans, mamba-ssm's kernel.
+
+All take u, delta_raw, z: (B, L, D); A: (D, N); B, C: (B, L, N); D_skip, delta_bias: (D,) and
+return (C_t . h_t + D_skip u_t) * silu(z_t), (B, L, D), where delta = softplus(delta_raw +
+delta_bias) and h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t.
+
+The ``torch`` backend uses the C++ kernel of ``selective_scan.cpp`` (compiled once per machine
+with ``torch.utils.cpp_extension``; set ZOO_SCAN_CPP=0 to skip it) for fp32/fp64 CPU tensors,
+and otherwise the chunked scan below: chunks of ``chunk`` steps, a Hillis-Steele scan inside a
+chunk (log2(chunk) vectorised passes, numerically stable: only products of decays <= 1), the
+state carried across chunks, and each chunk recomputed in backward (``torch.utils.checkpoint``)
+so that no (B, L, D, N) tensor is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from zoo.errors import ZooConfigError
+
+
+def scan(backend: str, u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
+    if backend == "reference":
+        return reference_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias)
+    if backend == "mamba_ssm":
+        return mamba_ssm_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias)
+    if backend != "torch":
+        raise ZooConfigError(f"unknown selective-scan backend {backend!r}; allowed: reference, torch, mamba_ssm")
+    if u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and cpp_available():
+        return _CppScan.apply(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk)
+    return chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk)
+
+
+def reference_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias):
+    """The recurrence as written, one time step per Python iteration."""
+    delta = F.softplus(delta_raw + delta_bias)  # (B, L, D)
+    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])  # (B, D, N)
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    y = torch.stack(ys, 1) + D_skip * u
+    return y * F.silu(z)
+
+
+# -- chunked scan in PyTorch -------------------------------------------------------------------
+def _chunk(h0, u, delta, A, B, C):
+    """One chunk: h0 (B, D, N); u, delta (B, c, D); B, C (B, c, N) -> y (B, c, D), h_last."""
+    a = torch.exp(delta[..., None] * A)  # (B, c, D, N)
+    b = (delta * u)[..., None] * B[:, :, None, :]
+    b = torch.cat((b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]), 1)
+    k = 1
+    while k < a.shape[1]:  # Hillis-Steele: after the pass for k, b[t] sums the last 2k steps
+        b = torch.cat((b[:, :k], b[:, k:] + a[:, k:] * b[:, :-k]), 1)
+        a = torch.cat((a[:, :k], a[:, k:] * a[:, :-k]), 1)
+        k *= 2
+    return (b * C[:, :, None, :]).sum(-1), b[:, -1]
+
+
+def chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
+    delta = F.softplus(delta_raw + delta_bias)
+    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    ys = []
+    for s in range(0, u.shape[1], chunk):
+        part = (u[:, s : s + chunk], delta[:, s : s + chunk], A, B[:, s : s + chunk], C[:, s : s + chunk])
+        if torch.is_grad_enabled():
+            y, h = checkpoint(_chunk, h, *part, use_reentrant=False)
+        else:
+            y, h = _chunk(h, *part)
+        ys.append(y)
+    return (torch.cat(ys, 1) + D_skip * u) * F.silu(z)
+
+
+# -- the C++ kernel ------------------------------------------------------------------------------
+@functools.cache
+def _extension():
+    from torch.utils import cpp_extension
+
+    source = Path(__file__).with_name("selective_scan.cpp")
+    flags = ["-O3", "-ffast-math", "-fopenmp-simd", "-march=native"]
+    return cpp_extension.load(name="zoo_selective_scan", sources=[str(source)], extra_cflags=flags,
+                              verbose=False)
+
+
+@functools.cache
+def cpp_available() -> bool:
+    """True when the C++ scan is built (or builds now); warns once and falls back if it cannot."""
+    if os.environ.get("ZOO_SCAN_CPP", "1") == "0":
+        return False
+    try:
+        _extension()
+        return True
+    except Exception as e:  # a missing compiler, ninja or headers: the PyTorch scan still works
+        warnings.warn(f"the zoo's C++ selective scan could not be built ({type(e).__name__}: {e}); "
+                      "using the chunked PyTorch scan", stacklevel=2)
+        return False
+
+
+class _CppScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk):
+        args = [t.contiguous() for t in (u, delta_raw, A, B, C, D_skip, z, delta_bias)]
+        out, states = _extension().forward(*args, chunk)
+        ctx.save_for_backward(*args, states)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        *args, states = ctx.saved_tensors
+        du, ddelta, dz, dA, dB, dC, dD, dbias = _extension().backward(*args, states, dout.contiguous(), ctx.chunk)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+
+
+# -- mamba-ssm -------------------------------------------------------------------------------------
+def mamba_ssm_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias):
+    """mamba-ssm's fused CUDA kernel (imported here only: it cannot import on a CPU-only machine)."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  (B, L, .) -> (B, ., L)
+    y = selective_scan_fn(t(u), t(delta_raw), A.float(), t(B), t(C), D_skip.float(), z=t(z),
+                          delta_bias=delta_bias.float(), delta_softplus=True)
+    return y.transpose(1, 2)
