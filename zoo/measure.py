@@ -104,6 +104,15 @@ def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB). The peak only
+    grows, so a case's memory is the increase over the peak measured just before it, in a fresh
+    process per case (see ``bench/``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of ``fn()`` by ``FlopCounterMode`` (matmuls, convolutions and attention kernels;
     elementwise ops, softmax, scans and custom kernels are not counted)."""

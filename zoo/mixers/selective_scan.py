@@ -84,9 +84,10 @@ def _extension():
     from torch.utils import cpp_extension
 
     source = Path(__file__).with_name("selective_scan.cpp")
-    flags = ["-O3", "-ffast-math", "-fopenmp-simd", "-march=native"]
+    # -fopenmp: at::parallel_for is header code that runs serially unless OpenMP is on.
+    flags = ["-O3", "-ffast-math", "-fopenmp", "-march=native"]
     return cpp_extension.load(name="zoo_selective_scan", sources=[str(source)], extra_cflags=flags,
-                              verbose=False)
+                              extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.cache
