@@ -105,9 +105,17 @@ def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB). The peak only
-    grows, so a case's memory is the increase over the peak measured just before it, in a fresh
-    process per case (see ``bench/``)."""
+    """This process's peak resident memory so far. On Linux it is VmHWM of /proc/self/status
+    (the peak of this address space; getrusage's ru_maxrss would carry the parent's peak across
+    fork and exec). The peak only grows, so a case's memory is the increase over the peak just
+    before it, in a fresh process per case (see ``bench/``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
