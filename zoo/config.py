@@ -78,10 +78,54 @@ class ModelConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A registered task and its arguments (the task's registry defaults fill the rest).
+
+    The task sets the model's vocab_size, head, n_classes and causal flag."""
+
+    name: str = "mqar"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimiser, schedule, precision, devices, logging."""
+
+    max_steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0: off
+    precision: str = "32-true"  # any Lightning precision: 32-true, bf16-mixed, 16-mixed, ...
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1  # noqa: UP007
+    strategy: str = "auto"  # ddp, fsdp, ... (Lightning strategies)
+    num_nodes: int = 1
+    val_every: int = 100  # steps between validations
+    early_stop_patience: int = 0  # validations without improvement of val/loss; 0: off
+    log_dir: str = "runs"
+    run_name: str = ""  # default: <task>-<mixers>-<time>
+    threads: int = 0  # torch.set_num_threads; 0: leave as is
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "val_every"):
+            if getattr(self, key) < 1:
+                raise ZooConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ZooConfigError("train needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+
+
+@dataclass
 class Config:
-    """Everything one run needs. Later sections (task, train) join here."""
+    """Everything one run needs: the model, the task, the training."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _cycle(pattern: str | list[str], n: int) -> list[str]:
@@ -149,7 +193,7 @@ def _type_name(tp: Any) -> str:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a run config from YAML: sections named as in :class:`Config` (``model:``)."""
+    """Read a run config from YAML: sections named as in :class:`Config` (model, task, train)."""
     path = Path(path)
     if not path.is_file():
         raise ZooConfigError(f"config file {str(path)!r} does not exist")
@@ -162,3 +206,40 @@ def load_config(path: str | Path) -> Config:
 
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply command-line overrides ``--model.mixer window --train.max_steps 100`` to a config
+    dict. Values are read as YAML (``[a, b]``, ``3``, ``true``); keys are checked later."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy
+    i = 0
+    while i < len(overrides):
+        key = overrides[i]
+        if not key.startswith("--") or "." not in key:
+            raise ZooConfigError(f"override {key!r} must look like --section.key VALUE (e.g. --model.mixer window)")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(overrides):
+            raw = overrides[i + 1]
+            i += 2
+        else:
+            raise ZooConfigError(f"override {key!r} has no value")
+        *path, last = key[2:].split(".")
+        node = data
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ZooConfigError(f"override {key!r}: {part!r} is not a section")
+        node[last] = _scalar(yaml.safe_load(raw))
+    return data
+
+
+def _scalar(value: Any) -> Any:
+    """YAML 1.1 reads '3e-3' as a string; a command line means the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

@@ -20,6 +20,25 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def environment(device: str | torch.device = "cpu") -> dict:
+    """What a result depends on: device, torch, threads, python, platform, git revision."""
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {
+        "device": device.type, "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown",
+    }
+
+
 def keep_freed_memory() -> str:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
 

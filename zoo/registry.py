@@ -26,9 +26,9 @@ from zoo.nn.positions import IN_ATTENTION, SCHEMES
 PACKAGE_FILE = Path(__file__).with_name("registry.yaml")
 ENV_VAR = "ZOO_REGISTRY"
 
-SEQUENCE, CHANNEL, POSITIONS = "sequence_mixers", "channel_mixers", "positions"
-KINDS = (SEQUENCE, CHANNEL, POSITIONS)
-_KIND_WORD = {SEQUENCE: "sequence mixer", CHANNEL: "channel mixer", POSITIONS: "positional scheme"}
+SEQUENCE, CHANNEL, POSITIONS, TASKS = "sequence_mixers", "channel_mixers", "positions", "tasks"
+KINDS = (SEQUENCE, CHANNEL, POSITIONS, TASKS)
+_KIND_WORD = {SEQUENCE: "sequence mixer", CHANNEL: "channel mixer", POSITIONS: "positional scheme", TASKS: "task"}
 
 _COMMON = {"description", "paper", "notes", "replace"}
 _KEYS = {
@@ -37,9 +37,10 @@ _KEYS = {
        "backends", "complexity"},
     CHANNEL: _COMMON | {"class", "defaults", "tiny", "backends", "complexity"},
     POSITIONS: _COMMON | {"where"},
+    TASKS: _COMMON | {"class", "defaults", "tiny", "metric"},
 }
 _REQUIRED = {SEQUENCE: {"class", "description"}, CHANNEL: {"class", "description"},
-             POSITIONS: {"description", "where"}}
+             POSITIONS: {"description", "where"}, TASKS: {"class", "description"}}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Entry:
     backends: tuple[str, ...] = ("reference",)
     complexity: dict[str, str] = field(default_factory=dict)
     where: str = ""
+    metric: str = ""
 
     @property
     def cls(self) -> type:
@@ -100,10 +102,20 @@ def _import(path: str, entry: Entry) -> type:
 
 
 def accepted_kwargs(cls: type) -> tuple[set[str], bool]:
-    """The keyword names ``cls`` accepts and whether it takes ``**kwargs``."""
-    params = inspect.signature(cls).parameters.values()
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return names - {"d_model", "self"}, any(p.kind is p.VAR_KEYWORD for p in params)
+    """The keyword names ``cls`` accepts and whether it takes any keyword at all.
+
+    A constructor that forwards ``**kwargs`` to its base class accepts the base's names too: the
+    classes of the MRO are read until one takes no ``**kwargs``."""
+    names: set[str] = set()
+    for klass in cls.__mro__ if isinstance(cls, type) else (cls,):
+        init = klass.__init__ if isinstance(klass, type) else klass
+        if init is object.__init__:
+            return names - {"d_model", "self"}, True
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"d_model", "self"}, False
+    return names - {"d_model", "self"}, True
 
 
 def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
@@ -112,7 +124,10 @@ def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
     bad = [k for k in kwargs if k not in names]
     if bad and not var:
         raise ZooConfigError(f"{what}: {unknown('hyper-parameter', bad[0], names)}")
-    sig = inspect.signature(cls).parameters
+    sig = {}
+    for klass in reversed(cls.__mro__):  # the most derived default wins
+        if klass is not object and "__init__" in vars(klass):
+            sig.update(inspect.signature(klass.__init__).parameters)
     for k, v in kwargs.items():
         default = sig[k].default if k in sig else inspect.Parameter.empty
         want = type(default)
@@ -180,7 +195,7 @@ class Registry:
         if missing:
             raise ZooConfigError(f"{where}: missing required key(s) {sorted(missing)}")
         clash = next((k for k in (SEQUENCE, CHANNEL) if name in self._entries[k]), None)
-        if kind == POSITIONS:
+        if kind in (POSITIONS, TASKS):
             clash = kind if name in self._entries[kind] else None
         if clash and not raw.get("replace"):
             old = self._entries[clash][name]
@@ -208,6 +223,8 @@ class Registry:
         if kind == POSITIONS:
             if name not in SCHEMES:
                 raise unknown("positional scheme (schemes are built into the model)", name, SCHEMES, source)
+        elif kind == TASKS:
+            self._validate_task(entry, where)
         else:
             self._validate_mixer(entry, where)
         self._entries[kind][name] = entry
@@ -241,6 +258,27 @@ class Registry:
             )
         for key in ("defaults", "tiny"):
             check_kwargs(cls, getattr(e, key), f"{where} ({key})")
+
+    def _validate_task(self, e: Entry, where: str) -> None:
+        from zoo.tasks.base import Task
+
+        cls = e.cls
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise ZooConfigError(f"{where}: {e.class_path!r} is not a zoo.tasks.base.Task (a LightningDataModule)")
+        for key in ("defaults", "tiny"):
+            check_kwargs(cls, getattr(e, key), f"{where} ({key})")
+
+    def build_task(self, name: str, **overrides: Any):
+        """A task (LightningDataModule) by name: its defaults, then ``overrides``."""
+        e = self.get(TASKS, name)
+        kwargs = {**e.defaults, **overrides}
+        check_kwargs(e.cls, kwargs, e.label)
+        try:
+            return e.cls(**kwargs)
+        except ZooConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ZooConfigError(f"building {e.label} with {kwargs} failed: {err}") from err
 
     # -- lookup --------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:

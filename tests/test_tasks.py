@@ -1,0 +1,117 @@
+"""Tasks: shapes, scored positions, determinism, and a hand-written solver that gets 100%."""
+
+import pytest
+import torch
+
+import zoo
+from zoo.tasks.base import IGNORE
+from zoo.tasks.listops import evaluate
+
+REG = zoo.default_registry()
+
+
+def build(name, **kw):
+    task = REG.build_task(name, **{**REG.get("tasks", name).tiny, **kw})
+    task.setup()
+    return task
+
+
+@pytest.mark.parametrize("name", REG.names("tasks"))
+def test_deterministic_from_the_seed_and_well_formed(name):
+    a, b, c = build(name, seed=3), build(name, seed=3), build(name, seed=4)
+    xa, ya = a.data["train"].tensors
+    assert torch.equal(xa, b.data["train"].tensors[0]) and torch.equal(ya, b.data["train"].tensors[1])
+    assert not torch.equal(xa, c.data["train"].tensors[0])
+    assert xa.shape == (a.train_size, a.seq_len) and xa.dtype == torch.long
+    assert xa.min() >= 0 and xa.max() < a.vocab_size
+    if a.head == "lm":
+        assert ya.shape == xa.shape
+        scored = ya[ya != IGNORE]
+        assert scored.numel() > 0 and scored.min() >= 0 and scored.max() < a.vocab_size
+    else:
+        assert ya.shape == (a.train_size,) and ya.min() >= 0 and ya.max() < a.n_classes
+    for split in a.test_names():
+        assert len(a.data[split]) > 0
+
+
+def solve_mqar(tokens, n_pairs):
+    pairs = {tokens[i].item(): tokens[i + 1].item() for i in range(0, 2 * n_pairs, 2)}
+    return {p: pairs[tokens[p].item()] for p in range(2 * n_pairs, len(tokens)) if tokens[p].item() in pairs}
+
+
+@pytest.mark.parametrize("n_queries", [0, 6])
+def test_mqar_scores_the_queries_and_a_lookup_solves_it(n_queries):
+    t = build("mqar", vocab=32, seq_len=32, n_pairs=4, n_queries=n_queries)
+    x, y = t.data["train"].tensors
+    assert ((y != IGNORE).sum(1) == (n_queries or 4)).all()
+    for row in range(x.shape[0]):
+        answers = solve_mqar(x[row], 4)
+        scored = (y[row] != IGNORE).nonzero().flatten().tolist()
+        assert scored and all(answers[p] == y[row, p].item() for p in scored)
+        assert all(x[row, p + 1] == y[row, p] for p in scored)  # the value follows its query
+    keys = x[:, 0:8:2]
+    assert all(len(set(k.tolist())) == 4 for k in keys)  # distinct keys per sequence
+
+
+def test_selective_copy_solver():
+    t = build("selective_copy", vocab=10, seq_len=30, n_tokens=5)
+    x, y = t.data["train"].tensors
+    ctx = 30 - 5
+    for row in range(x.shape[0]):
+        kept = [v for v in x[row, :ctx].tolist() if v != 0]
+        assert kept == y[row, ctx:].tolist()
+        assert (y[row, :ctx] == IGNORE).all() and (x[row, ctx:] == 9).all()
+
+
+def test_induction_solver_and_test_lengths():
+    t = build("induction", vocab=12, seq_len=20)
+    assert t.test_names() == ["test@20", "test@40", "test@80"]
+    for split in ("train", "test@80"):
+        x, y = t.data[split].tensors
+        for row in range(x.shape[0]):
+            first = (x[row] == 11).nonzero().flatten()[0].item()
+            assert y[row, -1] == x[row, first + 1] and (y[row, :-1] == IGNORE).all()
+
+
+def test_listops_solver_and_hand_example():
+    t = build("listops", seq_len=64, max_depth=3)
+    x, y = t.data["train"].tensors
+    assert (x[:, 0] == 1).all()  # CLS
+    for row in range(x.shape[0]):
+        assert evaluate(x[row, 1:].tolist()) == y[row].item()
+    from zoo.tasks.listops import CLOSE, DIGIT0, OP_TOKEN
+    expr = [OP_TOKEN["MAX"], DIGIT0 + 4, DIGIT0 + 3, OP_TOKEN["MIN"], DIGIT0 + 2, DIGIT0 + 3, CLOSE,
+            DIGIT0 + 1, DIGIT0 + 0, CLOSE]  # [MAX 4 3 [MIN 2 3 ] 1 0 ]
+    assert evaluate(expr) == 4
+    assert evaluate([OP_TOKEN["SM"], DIGIT0 + 9, DIGIT0 + 8, CLOSE]) == 7
+    assert evaluate([OP_TOKEN["MED"], DIGIT0 + 1, DIGIT0 + 9, DIGIT0 + 5, DIGIT0 + 2, CLOSE]) == 2
+
+
+def test_text_is_next_byte_prediction(tmp_path):
+    t = build("text")
+    x, y = t.data["train"].tensors
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefghij" * 200)
+    own = build("text", path=str(corpus), seq_len=8)
+    x, y = own.data["val"].tensors
+    assert bytes(x[0].tolist()).decode() in "abcdefghij" * 3
+    with pytest.raises(zoo.ZooConfigError, match=r"corpus file '.*missing.txt' does not exist"):
+        build("text", path=str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("name,kw,message", [
+    ("mqar", {"vocab": 8, "n_pairs": 4}, r"n_pairs=4 needs vocab >= 9"),
+    ("mqar", {"seq_len": 10, "n_pairs": 4}, r"seq_len=10 is too short"),
+    ("selective_copy", {"seq_len": 6, "n_tokens": 4}, r"seq_len=6 must be >= 2 \* n_tokens = 8"),
+    ("listops", {"max_args": 1}, r"listops needs seq_len >= 8, max_depth >= 1, max_args >= 2"),
+    ("mqar", {"n_pair": 4}, r"task 'mqar': unknown hyper-parameter 'n_pair' \(did you mean 'n_pairs'"),
+])
+def test_bad_task_arguments(name, kw, message):
+    with pytest.raises(zoo.ZooConfigError, match=message):
+        build(name, **kw)
+
+
+def test_unknown_task():
+    with pytest.raises(zoo.ZooConfigError, match=r"unknown task 'mqr' \(did you mean 'mqar'"):
+        REG.build_task("mqr")

@@ -1,0 +1,215 @@
+"""Training: ``ZooModule`` (a LightningModule) and the Trainer that ``zoo fit`` runs.
+
+Lightning does the loop, devices, precision, checkpoints and logging; torchmetrics does the
+metrics. What is the zoo's own: the loss over the scored positions plus the model's auxiliary
+losses, the metrics a task asks for, and the run directory (resolved config, environment, final
+metrics).
+
+    run dir  runs/<name>/  config.yaml  environment.json  metrics.json  checkpoints/  metrics.csv
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch import callbacks as cb
+from lightning.pytorch.loggers import CSVLogger
+
+from zoo.config import Config, ModelConfig, dump_config, from_dict, to_dict
+from zoo.errors import ZooConfigError
+from zoo.measure import environment
+from zoo.model import build_model
+from zoo.registry import default_registry
+from zoo.tasks.base import IGNORE, Task
+
+
+class ZooModule(L.LightningModule):
+    """A model from a config, trained on a task's (tokens, targets).
+
+    ``config`` is the resolved config as a plain dict (so the checkpoint alone rebuilds the
+    module); ``test_names`` names the task's test sets."""
+
+    def __init__(self, config: dict, test_names: list[str] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: Config = from_dict(Config, config)
+        self.model = build_model(self.cfg.model)
+        m = self.cfg.model
+        self.lm = m.head == "lm"
+        classes = m.vocab_size if self.lm else m.n_classes
+        self.test_names = list(test_names or ["test"])
+
+        def metrics() -> torchmetrics.MetricCollection:
+            # micro: every scored position counts once (torchmetrics' multiclass default is macro)
+            ms = {"accuracy": torchmetrics.classification.MulticlassAccuracy(
+                classes, average="micro", ignore_index=IGNORE)}
+            if self.lm:
+                ms["perplexity"] = torchmetrics.text.Perplexity(ignore_index=IGNORE)
+            return torchmetrics.MetricCollection(ms)
+
+        self.val_metrics = metrics()
+        self.test_metrics = torch.nn.ModuleDict({name.replace(".", "_"): metrics() for name in self.test_names})
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.lm:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        return F.cross_entropy(logits.float(), targets)
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        logits = self(tokens)
+        task_loss = self.loss(logits, targets)
+        aux = self.model.aux_losses()
+        loss = task_loss + sum(aux.values()) if aux else task_loss
+        self.log("train/loss", task_loss, prog_bar=True)
+        for name, value in aux.items():
+            self.log(f"train/{name}", value)
+        for name, value in self.model.aux_metrics().items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def _update(self, metrics, batch) -> torch.Tensor:
+        tokens, targets = batch
+        logits = self(tokens)
+        loss = self.loss(logits, targets)
+        if self.lm:
+            metrics["accuracy"].update(logits.flatten(0, 1), targets.flatten())
+            metrics["perplexity"].update(logits.float(), targets)
+        else:
+            metrics["accuracy"].update(logits, targets)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._update(self.val_metrics, batch), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        name = self.test_names[dataloader_idx]
+        loss = self._update(self.test_metrics[name.replace(".", "_")], batch)
+        self.log(f"{name}/loss", loss, sync_dist=True, add_dataloader_idx=False)
+
+    def on_test_epoch_end(self):
+        for name in self.test_names:
+            self._log_metrics(name, self.test_metrics[name.replace(".", "_")])
+
+    def _log_metrics(self, prefix: str, metrics: torchmetrics.MetricCollection) -> None:
+        values = metrics.compute()  # torchmetrics syncs the states across ranks
+        for key, value in values.items():
+            self.log(f"{prefix}/{key}", value, prog_bar=key == "accuracy")
+        if "perplexity" in values:
+            self.log(f"{prefix}/bits_per_char", torch.log2(values["perplexity"]))
+        metrics.reset()
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
+            if step < t.warmup_steps:
+                return (step + 1) / t.warmup_steps
+            progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+            return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# -- putting a run together ----------------------------------------------------------------------
+def resolve(cfg: Config) -> tuple[Config, Task]:
+    """The task, and the config with the model fitted to it; every error before training."""
+    reg = default_registry()
+    task = reg.build_task(cfg.task.name, batch_size=cfg.train.batch_size, seed=cfg.train.seed, **cfg.task.args)
+    over = task.model_overrides()
+    defaults = ModelConfig()
+    model = to_dict(cfg.model)
+    for key in ("causal", "head"):
+        if model[key] != getattr(defaults, key) and model[key] != over[key]:
+            raise ZooConfigError(f"model.{key}={model[key]!r} conflicts with task {cfg.task.name!r}, which needs "
+                                 f"{key}={over[key]!r}")
+    model.update(over)
+    cfg = Config(model=from_dict(ModelConfig, model, "model"), task=cfg.task, train=cfg.train)
+    try:
+        net = build_model(cfg.model)
+    except ZooConfigError as e:
+        kind = "causal" if cfg.model.causal else "bidirectional"
+        raise ZooConfigError(f"task {cfg.task.name!r} needs a {kind} model: {e}") from e
+    task.setup("fit")
+    with torch.no_grad():  # a dry forward at every length the run will see: sizes that do not fit fail now
+        for name in ("train", *task.test_names()):
+            tokens = task.data[name].tensors[0][:1]
+            try:
+                net(tokens)
+            except ZooConfigError as e:
+                raise ZooConfigError(f"task {cfg.task.name!r} ({name}, length {tokens.shape[1]}): {e}") from e
+    return cfg, task
+
+
+def run_name(cfg: Config) -> str:
+    mixers = "+".join(dict.fromkeys(cfg.model.mixers))
+    return cfg.train.run_name or f"{cfg.task.name}-{mixers}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
+    t = cfg.train
+    callbacks = [
+        cb.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.val_every),
+        cb.LearningRateMonitor(logging_interval="step"),
+        cb.ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], length_fn=lambda batch: batch[0].numel()),
+    ]
+    if t.early_stop_patience:
+        callbacks.append(cb.EarlyStopping(monitor="val/loss", patience=t.early_stop_patience))
+    loggers = [CSVLogger(run_dir, name="", version="")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        from lightning.pytorch.loggers import TensorBoardLogger
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    kwargs = dict(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        num_nodes=t.num_nodes, precision=t.precision, gradient_clip_val=t.grad_clip or None,
+        val_check_interval=t.val_every, check_val_every_n_epoch=None, log_every_n_steps=min(50, t.val_every),
+        callbacks=callbacks, logger=loggers, default_root_dir=run_dir, enable_progress_bar=t.progress,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def fit(cfg: Config, resume: str | None = None, **trainer_overrides: Any) -> dict:
+    """Train and test one config; returns the final metrics (also in <run dir>/metrics.json)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    cfg, task = resolve(cfg)
+    run_dir = Path(cfg.train.log_dir) / run_name(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = ZooModule(to_dict(cfg), test_names=task.test_names())
+    trainer = build_trainer(cfg, run_dir, **trainer_overrides)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=task, ckpt_path=resume)
+    seconds = time.perf_counter() - start
+    results = trainer.test(module, datamodule=task, verbose=False)
+    metrics = {k: float(v) for r in results for k, v in r.items()}
+    out = {"metrics": metrics, "train_seconds": seconds, "steps": trainer.global_step,
+           "params": module.model.num_params(), "run_dir": str(run_dir)}
+    if trainer.is_global_zero:
+        (run_dir / "environment.json").write_text(json.dumps(environment(module.device), indent=2))
+        (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+    return out
