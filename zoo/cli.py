@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``zoo list`` (and, as they land, ``fit``, ``bench``, ``report``)."""
+"""The ``zoo`` command: ``zoo list``, ``zoo fit`` (and, as they land, ``bench``, ``report``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from zoo.errors import ZooConfigError
-from zoo.registry import CHANNEL, ENV_VAR, POSITIONS, SEQUENCE, Registry, default_registry
+from zoo.registry import CHANNEL, ENV_VAR, POSITIONS, SEQUENCE, TASKS, Registry, default_registry
 
 
 def _yes(flag: bool) -> str:
@@ -42,6 +42,10 @@ def list_table(reg: Registry, device_type: str) -> str:
     lines += ["", "## Positional schemes", "", "| name | where | description |", "|---|---|---|"]
     for e in reg.entries(POSITIONS):
         lines.append(f"| {e.name} | {e.where} | {e.description} |")
+    lines += ["", "## Tasks", "", "| name | metric | defaults | description |", "|---|---|---|---|"]
+    for e in reg.entries(TASKS):
+        defaults = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
+        lines.append(f"| {e.name} | {e.metric} | {defaults} | {e.description} |")
     return "\n".join(lines)
 
 

@@ -169,7 +169,8 @@ def run_name(cfg: Config) -> str:
 def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
     t = cfg.train
     callbacks = [
-        cb.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.val_every),
+        cb.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                           every_n_train_steps=t.val_every),
         cb.LearningRateMonitor(logging_interval="step"),
         cb.ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], length_fn=lambda batch: batch[0].numel()),
     ]
