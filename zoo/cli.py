@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``zoo list``, ``zoo fit`` (and, as they land, ``bench``, ``report``)."""
+"""The ``zoo`` command: ``zoo list``, ``zoo fit``, ``zoo bench``, ``zoo report``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,48 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from zoo.report import collect, write_report
+    from zoo.suite import load_suite
+    from zoo.sweep import run_suite
+
+    suite = load_suite(args.suite, quick=args.quick)
+    if args.threads:
+        suite.threads = args.threads
+    if args.timeout:
+        suite.timeout = args.timeout
+    out = Path(args.out or Path("bench-results") / (suite.name + ("-quick" if args.quick else "")))
+    command = "zoo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("zoo") else "zoo bench " + args.suite
+    results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, progress=not args.no_progress,
+                        command=command)
+    rows = collect([results])
+    failed = [r for r in rows if r.get("status") != "ok"]
+    print(f"{len(rows) - len(failed)} cases ok, {len(failed)} did not finish; results in {results}")
+    if args.shard and args.shard != "0/1":
+        print(f"shard done; merge with: zoo report {out}")
+        return 0
+    report = write_report(rows, out, command=command)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from zoo.report import collect, compare, write_report
+
+    if args.compare:
+        if len(args.paths) != 2:
+            raise ZooConfigError("--compare takes exactly two result sets: zoo report A B --compare")
+        a, b = (collect([p]) for p in args.paths)
+        path = compare(a, b, Path(args.out or "."), tuple(args.paths))
+    else:
+        rows = collect(args.paths)
+        if not rows:
+            raise ZooConfigError(f"no results found in {', '.join(args.paths)} (looked for results*.jsonl)")
+        path = write_report(rows, Path(args.out or (args.paths[0] if Path(args.paths[0]).is_dir() else ".")))
+    print(f"report: {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description=__doc__)
     p.add_argument(
@@ -93,6 +135,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. runs/NAME/checkpoints/last.ckpt)")
     s.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     s.set_defaults(func=cmd_fit)
+    s = sub.add_parser("bench", help="run a benchmark suite and write its report",
+                       description="Run a suite (built-in: default, speed, decode, quality, extrapolation; or a "
+                                   "YAML path), one process per case, appending to results.jsonl; a rerun resumes.")
+    s.add_argument("suite", nargs="?", default="default")
+    s.add_argument("--quick", action="store_true", help="the suite's quick variant")
+    s.add_argument("--out", help="results directory (default bench-results/SUITE)")
+    s.add_argument("--shard", help="i/n: run every n-th case starting at i")
+    s.add_argument("--retry-failed", action="store_true", help="rerun cases whose row says error/timeout/killed")
+    s.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the suite's, else all)")
+    s.add_argument("--timeout", type=int, default=0, help="seconds per case (default: the suite's)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_bench)
+    s = sub.add_parser("report", help="write report.md (and plots) from result files or directories")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--out", help="where report.md goes (default: the first directory)")
+    s.add_argument("--compare", action="store_true", help="two result sets: B's numbers as ratios to A's")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -146,3 +146,81 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+# -- the cases of a benchmark suite (each runs in a fresh process; see zoo.sweep) --------------
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _build(mixer: str, d_model: int, args: dict, causal: bool | None = None, length: int = 0):
+    """A registry mixer for a benchmark case: ``args`` as in ``model.mixer_args``; a mixer sized
+    by ``max_len`` (linformer) is sized to the case's length unless ``args`` says otherwise."""
+    from zoo.registry import CHANNEL, SEQUENCE, accepted_kwargs, default_registry
+
+    reg = default_registry()
+    entry = reg.mixer(mixer)
+    names, var = accepted_kwargs(entry.cls)
+    mixers = set(reg.names(SEQUENCE)) | set(reg.names(CHANNEL))
+    # shared keys go to the mixers that take them (the suite checks each is taken by one); a
+    # mixer's own name holds its own arguments
+    kwargs = {k: v for k, v in args.items() if k not in mixers and (k in names or var)}
+    kwargs.update(args.get(mixer, {}))
+    if entry.kind == SEQUENCE:
+        kwargs.setdefault("causal", entry.causal if causal is None else causal)
+        if "max_len" in names and length:
+            kwargs.setdefault("max_len", length)
+    return reg.build_mixer(mixer, d_model, **kwargs)
+
+
+def measure_speed(case: dict) -> dict:
+    """Time (median, tokens/s), peak RSS increase or CUDA peak, bytes saved for backward and
+    forward FLOPs of one mixer at one length in one mode."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[case["dtype"]]
+    T, B = case["length"], case["batch"]
+    m = _build(case["mixer"], case["d_model"], case["args"], length=T).to(device=device, dtype=dtype)
+    backward = case["mode"] == "forward_backward"
+    m.train(backward)
+    x = torch.randn(B, T, case["d_model"], device=device, dtype=dtype, requires_grad=backward)
+
+    def run():
+        if backward:
+            m(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                m(x)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        before = peak_rss_bytes()
+        run()
+        peak = peak_rss_bytes() - before
+    threads = torch.get_num_threads()
+    t = benchmark.Timer("run()", globals={"run": run}, num_threads=threads).blocked_autorange(min_run_time=0.5)
+    row = {"seconds": t.median, "tokens_per_s": B * T / t.median, "peak_bytes": peak,
+           "flops_forward": count_flops(lambda: m(x.detach())), "params": sum(p.numel() for p in m.parameters()),
+           "backend": m.backend_for(device) if hasattr(m, "backend_for") else "n/a", "dtype": case["dtype"]}
+    if backward:
+        row["saved_bytes"] = saved_tensor_bytes(lambda: m(x))
+    return row
+
+
+def measure_decode(case: dict) -> dict:
+    """Per-token latency of ``step()`` after ``context`` tokens, and the state's size."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    T, B, d = case["context"], case["batch"], case["d_model"]
+    m = _build(case["mixer"], d, case["args"], causal=True).to(device).eval()
+    with torch.no_grad():
+        state = m.init_state(B)
+        x = torch.randn(B, d, device=device)
+        for _ in range(T):
+            _, state = m.step(x, state)
+        t = benchmark.Timer("m.step(x, state)", globals={"m": m, "x": x, "state": state},
+                            num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.3)
+    from zoo.contract import state_nbytes
+
+    return {"seconds_per_token": t.median, "tokens_per_s": B / t.median, "state_bytes": state_nbytes(state)}

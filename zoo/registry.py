@@ -224,7 +224,7 @@ class Registry:
             if name not in SCHEMES:
                 raise unknown("positional scheme (schemes are built into the model)", name, SCHEMES, source)
         elif kind == TASKS:
-            self._validate_task(entry, where)
+            pass  # validated when first built: importing Lightning costs seconds that mixer-only runs skip
         else:
             self._validate_mixer(entry, where)
         self._entries[kind][name] = entry
@@ -271,6 +271,7 @@ class Registry:
     def build_task(self, name: str, **overrides: Any):
         """A task (LightningDataModule) by name: its defaults, then ``overrides``."""
         e = self.get(TASKS, name)
+        self._validate_task(e, f"{e.label} (from {e.source})")
         kwargs = {**e.defaults, **overrides}
         check_kwargs(e.cls, kwargs, e.label)
         try:

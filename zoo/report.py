@@ -1,0 +1,258 @@
+"""Reports from benchmark results: ``report.md`` with leaderboards, growth and plots.
+
+``zoo report DIR_OR_FILES...`` merges result files (shards included; the last row of a key
+wins) into one report; ``zoo report A B --compare`` writes B's numbers as ratios to A's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from zoo.measure import loglog_slope
+from zoo.sweep import read_rows
+
+
+def collect(paths: list[str | Path]) -> list[dict]:
+    """Rows of every results file under the given files or directories, merged by key."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("results*.jsonl")) if p.is_dir() else [p]
+    merged: dict[str, dict] = {}
+    for f in files:
+        for row in read_rows(f):
+            merged[row["key"]] = row
+    return [merged[k] for k in sorted(merged)]
+
+
+def _ok(rows, kind):
+    return [r for r in rows if r.get("status") == "ok" and r["case"]["kind"] == kind]
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{suffix}{unit}"
+    return f"{v:.3g}{unit}"
+
+
+def speed_table(rows: list[dict], mode: str):
+    """{mixer: {length: row}} for one mode."""
+    table: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in _ok(rows, "speed"):
+        if r["case"]["mode"] == mode:
+            table[r["case"]["mixer"]][r["case"]["length"]] = r["result"]
+    return table
+
+
+def crossover(ours: dict[int, dict], ref: dict[int, dict]) -> str:
+    """Shortest measured length from which ``ours`` is faster than ``ref`` (log-log interpolation)."""
+    lengths = sorted(set(ours) & set(ref))
+    ratio = [(n, ours[n]["seconds"] / ref[n]["seconds"]) for n in lengths]
+    for k, (n, q) in enumerate(ratio):
+        if q < 1:
+            if k == 0:
+                return f"<= {n}"
+            (n0, q0) = ratio[k - 1]
+            t = math.log(q0) / (math.log(q0) - math.log(q))  # where log ratio crosses 0
+            return f"~{round(math.exp(math.log(n0) + t * (math.log(n) - math.log(n0))))}"
+    return f"> {lengths[-1]}" if lengths else "-"
+
+
+def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    suites = sorted({r.get("suite", "?") for r in rows})
+    lines += [f"# zoo bench report: {', '.join(suites)}", ""]
+    cmd = command or next((r.get("command") for r in rows if r.get("command")), "")
+    if cmd:
+        lines += ["Produced by:", "", "```", cmd, "```", ""]
+    if ok:
+        env = ok[0]["env"]
+        lines += ["## Environment", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in env.items()]
+        lines += ["", f"{len(ok)} of {len(rows)} cases ran; times are medians of "
+                  "`torch.utils.benchmark` blocks and hold only for this machine; ratios are the portable part.", ""]
+    lines += _quality_section(rows, out_dir)
+    lines += _speed_section(rows, out_dir)
+    lines += _decode_section(rows)
+    lines += _extrapolation_section(rows)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines += ["## Cases that did not finish", "", "| case | status | error |", "|---|---|---|"]
+        for r in failed:
+            err = (r.get("error") or "").strip().splitlines()
+            lines.append(f"| {r['key']} | {r.get('status')} | {(err[-1] if err else '')[:160]} |")
+        lines.append("")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _quality_section(rows, out_dir):
+    q = _ok(rows, "quality")
+    if not q:
+        return []
+    lines = ["## Quality", "", "Every mixer trained with the same model size, budget and data per task "
+             "(`zoo.train.fit`); test metrics on held-out data.", ""]
+    by_task = defaultdict(list)
+    for r in q:
+        by_task[r["case"]["task"]].append(r)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(by_task), figsize=(5 * len(by_task), 3.5), squeeze=False)
+    fig2, axes2 = plt.subplots(1, len(by_task), figsize=(5 * len(by_task), 3.5), squeeze=False)
+    for ax, ax2, (task, rs) in zip(axes[0], axes2[0], sorted(by_task.items()), strict=True):
+        rs.sort(key=lambda r: -r["result"]["metrics"].get("test/accuracy", 0))
+        budget = rs[0]["case"].get("train", {})
+        lines += [f"### {task} ({', '.join(f'{k}={v}' for k, v in budget.items())})", "",
+                  "| mixer | test accuracy | test loss | params | steps | train s |", "|---|---|---|---|---|---|"]
+        for r in rs:
+            m = r["result"]["metrics"]
+            lines.append(f"| {r['case']['mixer']} | {m.get('test/accuracy', float('nan')):.4f} | "
+                         f"{m.get('test/loss', float('nan')):.4f} | {_fmt(r['result']['params'])} | "
+                         f"{r['result']['steps']} | {r['result']['train_seconds']:.1f} |")
+            curve = r["result"].get("loss_curve") or []
+            if curve:
+                ax2.plot([c[0] for c in curve], [c[1] for c in curve], label=r["case"]["mixer"])
+        lines.append("")
+        ax.bar([r["case"]["mixer"] for r in rs], [r["result"]["metrics"].get("test/accuracy", 0) for r in rs])
+        ax.set_title(f"{task}: test accuracy")
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", rotation=45)
+        ax2.set_title(f"{task}: training loss")
+        ax2.set_xlabel("step")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality_accuracy.png", dpi=110)
+    fig2.tight_layout()
+    fig2.savefig(out_dir / "quality_loss_curves.png", dpi=110)
+    plt.close("all")
+    return lines + ["![accuracy](quality_accuracy.png)", "", "![loss curves](quality_loss_curves.png)", ""]
+
+
+def _speed_section(rows, out_dir):
+    modes = sorted({r["case"]["mode"] for r in _ok(rows, "speed")})
+    if not modes:
+        return []
+    lines = ["## Speed and memory", ""]
+    plt = _plt()
+    for mode in modes:
+        table = speed_table(rows, mode)
+        lengths = sorted({n for t in table.values() for n in t})
+        sample = next(iter(next(iter(table.values())).values()))
+        lines += [f"### {mode.replace('_', '+')} (tokens/s; batch and width as in the suite, dtype {sample.get('dtype', '?')})",
+                  "", "| mixer | " + " | ".join(str(n) for n in lengths) + " | time slope | crossover vs softmax |",
+                  "|---|" + "---|" * len(lengths) + "---|---|"]
+        ref = table.get("softmax", {})
+        for mixer, t in sorted(table.items()):
+            ns = sorted(t)
+            slope = loglog_slope(ns, [t[n]["seconds"] for n in ns]) if len(ns) > 1 else float("nan")
+            cross = crossover(t, ref) if ref and mixer != "softmax" else "-"
+            cells = " | ".join(_fmt(t[n]["tokens_per_s"]) if n in t else "-" for n in lengths)
+            lines.append(f"| {mixer} | {cells} | {slope:.2f} | {cross} |")
+        key = "saved_bytes" if mode == "forward_backward" else "peak_bytes"
+        what = "bytes saved for backward" if key == "saved_bytes" else "peak memory increase"
+        lines += ["", f"{what} (bytes; memory slope):", "",
+                  "| mixer | " + " | ".join(str(n) for n in lengths) + " | slope |", "|---|" + "---|" * len(lengths) + "---|"]
+        for mixer, t in sorted(table.items()):
+            ns = [n for n in sorted(t) if t[n].get(key, 0) > 0]
+            slope = loglog_slope(ns, [t[n][key] for n in ns]) if len(ns) > 1 else float("nan")
+            cells = " | ".join(_fmt(t[n].get(key)) if n in t else "-" for n in lengths)
+            lines.append(f"| {mixer} | {cells} | {slope:.2f} |")
+        lines += ["", "forward FLOPs (`FlopCounterMode`: matmuls, convolutions, CUDA attention kernels; not "
+                  "elementwise work, scans, or the CPU flash-attention kernel):", "",
+                  "| mixer | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for mixer, t in sorted(table.items()):
+            lines.append(f"| {mixer} | " + " | ".join(_fmt(t[n].get("flops_forward")) if n in t else "-"
+                                                     for n in lengths) + " |")
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for mixer, t in sorted(table.items()):
+            ns = sorted(t)
+            a1.plot(ns, [t[n]["seconds"] for n in ns], marker="o", label=mixer)
+            mem = [(n, t[n].get(key, 0)) for n in ns if t[n].get(key, 0) > 0]
+            if mem:
+                a2.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=mixer)
+        for ax, title in ((a1, "time per call (s)"), (a2, what)):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length")
+            ax.set_title(f"{mode.replace('_', '+')}: {title}")
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        png = f"speed_{mode}.png"
+        fig.savefig(out_dir / png, dpi=110)
+        plt.close(fig)
+        lines += ["", f"![{mode}]({png})", ""]
+    return lines
+
+
+def _decode_section(rows):
+    d = _ok(rows, "decode")
+    if not d:
+        return []
+    table = defaultdict(dict)
+    for r in d:
+        table[r["case"]["mixer"]][r["case"]["context"]] = r["result"]
+    ctxs = sorted({n for t in table.values() for n in t})
+    lines = ["## Decoding (one token after a context of N tokens)", "",
+             "| mixer | " + " | ".join(f"us/token @{n}" for n in ctxs) + " | " + " | ".join(f"state @{n}" for n in ctxs)
+             + " |", "|---|" + "---|" * (2 * len(ctxs))]
+    for mixer, t in sorted(table.items()):
+        us = " | ".join(f"{t[n]['seconds_per_token'] * 1e6:.0f}" if n in t else "-" for n in ctxs)
+        st = " | ".join(_fmt(t[n]["state_bytes"], "B") if n in t else "-" for n in ctxs)
+        lines.append(f"| {mixer} | {us} | {st} |")
+    return lines + [""]
+
+
+def _extrapolation_section(rows):
+    x = _ok(rows, "extrapolation")
+    if not x:
+        return []
+    tests = sorted({k for r in x for k in r["result"]["metrics"] if k.endswith("/accuracy")},
+                   key=lambda k: int(k.split("@")[1].split("/")[0]) if "@" in k else 0)
+    lines = [f"## Length extrapolation ({x[0]['case']['task']}, {x[0]['case']['mixer']}; test accuracy)", "",
+             "| position | " + " | ".join(t.replace("/accuracy", "") for t in tests) + " |", "|---|" + "---|" * len(tests)]
+    for r in sorted(x, key=lambda r: r["case"]["position"]):
+        m = r["result"]["metrics"]
+        lines.append(f"| {r['case']['position']} | " + " | ".join(f"{m.get(t, float('nan')):.3f}" for t in tests) + " |")
+    return lines + [""]
+
+
+def compare(rows_a: list[dict], rows_b: list[dict], out_dir: Path, names: tuple[str, str]) -> Path:
+    """B relative to A: time ratios of speed and decode cases, metric differences of quality cases."""
+    a = {r["key"]: r for r in rows_a if r.get("status") == "ok"}
+    b = {r["key"]: r for r in rows_b if r.get("status") == "ok"}
+    lines = [f"# Comparison: {names[1]} relative to {names[0]}", "",
+             "| case | A | B | B / A |", "|---|---|---|---|"]
+    for key in sorted(set(a) & set(b)):
+        ra, rb = a[key]["result"], b[key]["result"]
+        if "seconds" in ra:
+            va, vb = ra["seconds"], rb["seconds"]
+            lines.append(f"| {key} (s) | {va:.4g} | {vb:.4g} | {vb / va:.3f} |")
+        elif "seconds_per_token" in ra:
+            va, vb = ra["seconds_per_token"], rb["seconds_per_token"]
+            lines.append(f"| {key} (s/token) | {va:.4g} | {vb:.4g} | {vb / va:.3f} |")
+        elif "metrics" in ra:
+            va, vb = ra["metrics"].get("test/accuracy", float("nan")), rb["metrics"].get("test/accuracy", float("nan"))
+            lines.append(f"| {key} (accuracy) | {va:.4f} | {vb:.4f} | {vb - va:+.4f} (difference) |")
+    only = sorted(set(a) ^ set(b))
+    if only:
+        lines += ["", "In one result set only: " + ", ".join(only)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compare.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

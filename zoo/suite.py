@@ -1,0 +1,177 @@
+"""Benchmark suites: typed specs read from YAML, expanded into cases.
+
+A suite names what to measure; ``zoo/suites/*.yaml`` are the built-in ones (``zoo bench NAME``),
+and any YAML file of the same shape works (``zoo bench path/to/suite.yaml``). Unknown fields are
+errors that name the field. A case is one measurement, run in its own process by ``zoo.sweep``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from zoo.config import apply_overrides, from_dict
+from zoo.errors import ZooConfigError
+from zoo.registry import CHANNEL, SEQUENCE, default_registry
+
+SUITES_DIR = Path(__file__).with_name("suites")
+MODES = ("forward", "forward_backward")
+
+
+@dataclass
+class SpeedSpec:
+    mixers: Union[str, list[str]] = "all"  # noqa: UP007  "all": every sequence and channel mixer
+    lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    d_model: int = 256
+    batch: int = 1
+    dtype: str = "float32"
+    args: dict[str, Any] = field(default_factory=dict)  # mixer_args: shared keys and per-mixer dicts
+
+
+@dataclass
+class DecodeSpec:
+    mixers: Union[str, list[str]] = "all"  # noqa: UP007  "all": every mixer that decodes
+    contexts: list[int] = field(default_factory=lambda: [256, 1024])
+    d_model: int = 256
+    batch: int = 1
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QualitySpec:
+    mixers: Union[str, list[str]] = "all"  # noqa: UP007  "all": every sequence mixer the task allows
+    tasks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"mqar": {}})  # name -> task args
+    model: dict[str, Any] = field(default_factory=dict)  # model config keys, shared by every mixer
+    train: dict[str, Any] = field(default_factory=dict)  # train config keys (the budget)
+
+
+@dataclass
+class ExtrapolationSpec:
+    mixer: str = "softmax"
+    positions: list[str] = field(default_factory=lambda: ["none", "sinusoidal", "learned", "rope", "alibi"])
+    task: str = "induction"
+    args: dict[str, Any] = field(default_factory=dict)  # task args; test at 1x, 2x, 4x seq_len
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Suite:
+    name: str = "suite"
+    description: str = ""
+    threads: int = 0  # torch threads per case; 0: all cores
+    timeout: int = 600  # seconds per case
+    speed: Union[SpeedSpec, None] = None  # noqa: UP007
+    decode: Union[DecodeSpec, None] = None  # noqa: UP007
+    quality: Union[QualitySpec, None] = None  # noqa: UP007
+    extrapolation: Union[ExtrapolationSpec, None] = None  # noqa: UP007
+    quick: dict[str, Any] = field(default_factory=dict)  # overrides applied by --quick
+
+    def __post_init__(self) -> None:
+        if self.speed:
+            for m in self.speed.modes:
+                if m not in MODES:
+                    raise ZooConfigError(f"suite {self.name!r}: speed.modes has {m!r}; allowed: {', '.join(MODES)}")
+            if self.speed.dtype not in ("float32", "float64", "bfloat16", "float16"):
+                raise ZooConfigError(f"suite {self.name!r}: speed.dtype {self.speed.dtype!r}; allowed: float32, "
+                                     "float64, bfloat16, float16")
+        for spec, key in ((self.speed, "lengths"), (self.decode, "contexts")):
+            if spec and (not getattr(spec, key) or min(getattr(spec, key)) < 1):
+                raise ZooConfigError(f"suite {self.name!r}: {key} must be a non-empty list of positive lengths")
+
+
+def load_suite(name_or_path: str, quick: bool = False) -> Suite:
+    """A built-in suite by name or a suite file by path; ``quick`` applies its ``quick`` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            builtin = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+            from zoo.errors import unknown
+            raise unknown("suite", name_or_path, builtin)
+    if not path.is_file():
+        raise ZooConfigError(f"suite file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ZooConfigError(f"suite file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ZooConfigError(f"suite file {str(path)!r} must be a mapping")
+    data.setdefault("name", path.stem)
+    if quick and data.get("quick"):
+        args = []
+        for key, value in data["quick"].items():
+            args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip()]
+        data = apply_overrides(data, args)
+    return from_dict(Suite, data, where=f"suite {path.name}")
+
+
+# -- cases -----------------------------------------------------------------------------------
+def _mixers(spec_mixers, kind_filter) -> list[str]:
+    reg = default_registry()
+    if spec_mixers == "all":
+        return [e.name for e in reg.entries(SEQUENCE) + reg.entries(CHANNEL) if kind_filter(e)]
+    names = [spec_mixers] if isinstance(spec_mixers, str) else list(spec_mixers)
+    for n in names:
+        reg.mixer(n)  # unknown names fail here, with suggestions
+    return names
+
+
+def cases(suite: Suite) -> list[dict]:
+    """Every case of the suite, in a fixed order; each has a unique ``key``."""
+    out: list[dict] = []
+    s = suite.speed
+    if s:
+        for mixer in _mixers(s.mixers, lambda e: True):
+            for T in s.lengths:
+                for mode in s.modes:
+                    out.append({"kind": "speed", "mixer": mixer, "length": T, "mode": mode, "d_model": s.d_model,
+                                "batch": s.batch, "dtype": s.dtype, "args": s.args,
+                                "key": f"speed/{mixer}/{mode}/T={T}"})
+    d = suite.decode
+    if d:
+        for mixer in _mixers(d.mixers, lambda e: e.kind == SEQUENCE and e.decode):
+            for T in d.contexts:
+                out.append({"kind": "decode", "mixer": mixer, "context": T, "d_model": d.d_model, "batch": d.batch,
+                            "args": d.args, "key": f"decode/{mixer}/T={T}"})
+    q = suite.quality
+    if q:
+        reg = default_registry()
+        for task, args in q.tasks.items():
+            causal = reg.build_task(task, **(args or {})).causal
+            for mixer in _mixers(q.mixers, lambda e: e.kind == SEQUENCE and (e.causal if causal else e.bidirectional)):
+                out.append({"kind": "quality", "mixer": mixer, "task": task, "task_args": args or {},
+                            "model": q.model, "train": q.train, "key": f"quality/{task}/{mixer}"})
+    x = suite.extrapolation
+    if x:
+        for pos in x.positions:
+            out.append({"kind": "extrapolation", "mixer": x.mixer, "position": pos, "task": x.task,
+                        "task_args": x.args, "model": x.model, "train": x.train,
+                        "key": f"extrapolation/{x.task}/{x.mixer}/{pos}"})
+    for spec in (s, d):
+        if spec and spec.args:
+            _check_shared_args(suite.name, spec.args, {c["mixer"] for c in out if c.get("args") is spec.args})
+    for c in out:
+        c["threads"] = suite.threads
+    return copy.deepcopy(out)
+
+
+def _check_shared_args(suite: str, args: dict, mixers: set[str]) -> None:
+    from zoo.registry import accepted_kwargs
+
+    reg = default_registry()
+    every = set(reg.names(SEQUENCE)) | set(reg.names(CHANNEL))
+    taken = {m: accepted_kwargs(reg.mixer(m).cls) for m in mixers}
+    for key, value in args.items():
+        if key in every:
+            if not isinstance(value, dict):
+                raise ZooConfigError(f"suite {suite!r}: args.{key} must be a mapping of {key}'s hyper-parameters")
+            continue
+        if not any(key in names or var for names, var in taken.values()):
+            allowed = sorted(set().union(*(names for names, _ in taken.values())))
+            raise ZooConfigError(f"suite {suite!r}: no mixer of the suite takes args.{key}; allowed: {', '.join(allowed)}")
