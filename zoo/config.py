@@ -160,7 +160,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # Optional[X]: X's own error names the bad key
+            return _coerce(options[0], value, where)
+        for option in options:
             try:
                 return _coerce(option, value, where)
             except ZooConfigError:

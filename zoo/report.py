@@ -44,7 +44,7 @@ def speed_table(rows: list[dict], mode: str):
     table: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in _ok(rows, "speed"):
         if r["case"]["mode"] == mode:
-            table[r["case"]["mixer"]][r["case"]["length"]] = r["result"]
+            table[r["case"]["mixer"]][r["case"]["length"]] = {**r["result"], "mixer_kind": r["case"].get("mixer_kind")}
     return table
 
 
@@ -154,20 +154,24 @@ def _speed_section(rows, out_dir):
         table = speed_table(rows, mode)
         lengths = sorted({n for t in table.values() for n in t})
         sample = next(iter(next(iter(table.values())).values()))
-        lines += [f"### {mode.replace('_', '+')} (tokens/s; batch and width as in the suite, dtype {sample.get('dtype', '?')})",
-                  "", "| mixer | " + " | ".join(str(n) for n in lengths) + " | time slope | crossover vs softmax |",
+        dtype = sample.get("dtype", "?")
+        lines += [f"### {mode.replace('_', '+')} (tokens/s; batch and width as in the suite, dtype {dtype})", "",
+                  "| mixer | " + " | ".join(str(n) for n in lengths)
+                  + " | time slope | crossover vs softmax (sequence mixers) |",
                   "|---|" + "---|" * len(lengths) + "---|---|"]
         ref = table.get("softmax", {})
         for mixer, t in sorted(table.items()):
             ns = sorted(t)
             slope = loglog_slope(ns, [t[n]["seconds"] for n in ns]) if len(ns) > 1 else float("nan")
-            cross = crossover(t, ref) if ref and mixer != "softmax" else "-"
+            sequence = next(iter(t.values())).get("mixer_kind") == "sequence_mixers"
+            cross = crossover(t, ref) if ref and sequence and mixer != "softmax" else "-"
             cells = " | ".join(_fmt(t[n]["tokens_per_s"]) if n in t else "-" for n in lengths)
             lines.append(f"| {mixer} | {cells} | {slope:.2f} | {cross} |")
         key = "saved_bytes" if mode == "forward_backward" else "peak_bytes"
         what = "bytes saved for backward" if key == "saved_bytes" else "peak memory increase"
         lines += ["", f"{what} (bytes; memory slope):", "",
-                  "| mixer | " + " | ".join(str(n) for n in lengths) + " | slope |", "|---|" + "---|" * len(lengths) + "---|"]
+                  "| mixer | " + " | ".join(str(n) for n in lengths) + " | slope |",
+                  "|---|" + "---|" * len(lengths) + "---|"]
         for mixer, t in sorted(table.items()):
             ns = [n for n in sorted(t) if t[n].get(key, 0) > 0]
             slope = loglog_slope(ns, [t[n][key] for n in ns]) if len(ns) > 1 else float("nan")
@@ -225,10 +229,12 @@ def _extrapolation_section(rows):
     tests = sorted({k for r in x for k in r["result"]["metrics"] if k.endswith("/accuracy")},
                    key=lambda k: int(k.split("@")[1].split("/")[0]) if "@" in k else 0)
     lines = [f"## Length extrapolation ({x[0]['case']['task']}, {x[0]['case']['mixer']}; test accuracy)", "",
-             "| position | " + " | ".join(t.replace("/accuracy", "") for t in tests) + " |", "|---|" + "---|" * len(tests)]
+             "| position | " + " | ".join(t.replace("/accuracy", "") for t in tests) + " |",
+             "|---|" + "---|" * len(tests)]
     for r in sorted(x, key=lambda r: r["case"]["position"]):
         m = r["result"]["metrics"]
-        lines.append(f"| {r['case']['position']} | " + " | ".join(f"{m.get(t, float('nan')):.3f}" for t in tests) + " |")
+        cells = " | ".join(f"{m.get(t, float('nan')):.3f}" for t in tests)
+        lines.append(f"| {r['case']['position']} | {cells} |")
     return lines + [""]
 
 

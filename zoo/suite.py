@@ -130,7 +130,8 @@ def cases(suite: Suite) -> list[dict]:
         for mixer in _mixers(s.mixers, lambda e: True):
             for T in s.lengths:
                 for mode in s.modes:
-                    out.append({"kind": "speed", "mixer": mixer, "length": T, "mode": mode, "d_model": s.d_model,
+                    out.append({"kind": "speed", "mixer": mixer, "mixer_kind": default_registry().mixer(mixer).kind,
+                                "length": T, "mode": mode, "d_model": s.d_model,
                                 "batch": s.batch, "dtype": s.dtype, "args": s.args,
                                 "key": f"speed/{mixer}/{mode}/T={T}"})
     d = suite.decode
@@ -144,7 +145,11 @@ def cases(suite: Suite) -> list[dict]:
         reg = default_registry()
         for task, args in q.tasks.items():
             causal = reg.build_task(task, **(args or {})).causal
-            for mixer in _mixers(q.mixers, lambda e: e.kind == SEQUENCE and (e.causal if causal else e.bidirectional)):
+
+            def fits(e, causal=causal):
+                return e.kind == SEQUENCE and (e.causal if causal else e.bidirectional)
+
+            for mixer in _mixers(q.mixers, fits):
                 out.append({"kind": "quality", "mixer": mixer, "task": task, "task_args": args or {},
                             "model": q.model, "train": q.train, "key": f"quality/{task}/{mixer}"})
     x = suite.extrapolation
@@ -174,4 +179,6 @@ def _check_shared_args(suite: str, args: dict, mixers: set[str]) -> None:
             continue
         if not any(key in names or var for names, var in taken.values()):
             allowed = sorted(set().union(*(names for names, _ in taken.values())))
-            raise ZooConfigError(f"suite {suite!r}: no mixer of the suite takes args.{key}; allowed: {', '.join(allowed)}")
+            raise ZooConfigError(
+                f"suite {suite!r}: no mixer of the suite takes args.{key}; allowed: {', '.join(allowed)}"
+            )

@@ -39,10 +39,14 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    line = json.dumps(row, sort_keys=True) + "\n"
+    """One row as one line, in one write, flushed to disk."""
+    append_row_text(path, json.dumps(row, sort_keys=True) + "\n")
+
+
+def append_row_text(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
+        os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -67,6 +71,12 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
     i, n = parse_shard(shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
+    if results.is_file() and results.stat().st_size:
+        with open(results, "rb") as f:  # a sweep killed mid-write left a torn line: end it
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            append_row_text(results, "\n")
     done = {r["key"]: r for r in read_rows(results)}
     todo = [c for k, c in enumerate(cases(suite)) if k % n == i]
     skip = {c["key"] for c in todo if c["key"] in done and (done[c["key"]]["status"] == "ok" or not retry_failed)}

@@ -91,7 +91,7 @@ class LSHAttention(AttentionMixer):
 
     def _attend_dense(self, q, k, v, order):
         B, H, T, hd = q.shape
-        c = self.bucket_size
+        c = min(self.bucket_size, T)  # a chunk never exceeds the sequence (one chunk either way)
         n_chunks = math.ceil(T / c)
         chunk = order.argsort(-1) // c  # (B, H, r, T): the chunk of each original position
         ci, cj = chunk[..., :, None], chunk[..., None, :]
@@ -108,7 +108,7 @@ class LSHAttention(AttentionMixer):
 
     def _attend_chunked(self, q, k, v, order):
         B, H, T, hd = q.shape
-        r, c = self.n_hashes, self.bucket_size
+        r, c = self.n_hashes, min(self.bucket_size, T)
         n = math.ceil(T / c)
         Tp = n * c
         if Tp != T:  # padding positions sort last; they are masked as keys and dropped as queries

@@ -93,7 +93,7 @@ class WindowAttention(AttentionMixer):
     # -- the blocked backend ----------------------------------------------------------------
     def _attend_blocked(self, q, k, v):
         B, H, T, hd = q.shape
-        b = self.block
+        b = min(self.block, T)  # a block never exceeds the sequence
         L = math.ceil((self.reach - 1) / b)  # blocks of look-back (and look-ahead)
         n = math.ceil(T / b)
         Tp = n * b

@@ -1,0 +1,160 @@
+"""zoo bench / zoo report end to end on a tiny suite: every section, failures as rows,
+resuming, shards, bad suite files."""
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import zoo
+from zoo.cli import main as zoo_main
+from zoo.report import collect, compare, write_report
+from zoo.suite import cases, load_suite
+from zoo.sweep import append_row, read_rows, run_suite
+
+TINY = """
+timeout: 120
+speed: {mixers: [softmax, linear], lengths: [32, 64], modes: [forward_backward], d_model: 16, args: {n_heads: 2}}
+decode: {mixers: [linear], contexts: [8], d_model: 16, args: {n_heads: 2}}
+quality:
+  mixers: [softmax]
+  tasks: {mqar: {vocab: 16, seq_len: 16, n_pairs: 1, train_size: 128, test_size: 32}}
+  model: {d_model: 16, n_layers: 1, mixer_args: {n_heads: 2}}
+  train: {max_steps: 10, val_every: 5}
+"""
+
+BROKEN = '''
+import os
+import torch
+from torch import nn
+
+
+class Raises(nn.Module):
+    def __init__(self, d_model, *, causal=True):
+        super().__init__()
+        self.lin = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        raise RuntimeError("this mixer always fails")
+
+
+class Dies(Raises):
+    def forward(self, x):
+        os.kill(os.getpid(), 9)
+'''
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_tiny_suite_end_to_end(tmp_path):
+    suite_file = write(tmp_path, "tiny.yaml", TINY)
+    assert zoo_main(["bench", str(suite_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    rows = read_rows(tmp_path / "out" / "results.jsonl")
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    speed = [r for r in rows if r["case"]["kind"] == "speed"]
+    assert all(r["result"]["tokens_per_s"] > 0 and r["result"]["saved_bytes"] > 0 for r in speed)
+    assert all(r["env"]["torch"] and r["env"]["threads"] >= 1 and r["result"]["dtype"] == "float32" for r in speed)
+    report = (tmp_path / "out" / "report.md").read_text()
+    for section in ("## Environment", "## Quality", "### mqar", "## Speed and memory", "time slope",
+                    "crossover vs softmax", "bytes saved for backward", "## Decoding", f"zoo bench {suite_file}"):
+        assert section in report, section
+    for png in ("quality_accuracy.png", "quality_loss_curves.png", "speed_forward_backward.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_failures_become_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    write(tmp_path, "broken_mixers.py", BROKEN)
+    overlay = write(tmp_path, "overlay.yaml", """
+    sequence_mixers:
+      raises: {class: broken_mixers.Raises, description: fails}
+      dies: {class: broken_mixers.Dies, description: is killed}
+    """)
+    monkeypatch.setenv("ZOO_REGISTRY", str(overlay))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    suite = load_suite(str(write(tmp_path, "s.yaml",
+                                 "speed: {mixers: [raises, dies, swiglu], lengths: [16], modes: [forward], d_model: 8}")))
+    rows = {r["key"]: r for r in read_rows(run_suite(suite, tmp_path / "out", progress=False))}
+    assert rows["speed/raises/forward/T=16"]["status"] == "error"
+    assert "this mixer always fails" in rows["speed/raises/forward/T=16"]["error"]
+    assert rows["speed/dies/forward/T=16"]["status"] == "killed"
+    assert "signal 9 (out of memory?)" in rows["speed/dies/forward/T=16"]["error"]
+    assert rows["speed/swiglu/forward/T=16"]["status"] == "ok"
+    report = write_report(list(rows.values()), tmp_path / "out").read_text()
+    assert "## Cases that did not finish" in report and "speed/dies/forward/T=16 | killed" in report
+
+
+def test_interrupted_sweep_resumes_without_losing_rows(tmp_path):
+    suite = load_suite(str(write(tmp_path, "s.yaml",
+                                 "speed: {mixers: [mlp, swiglu], lengths: [8, 16], modes: [forward], d_model: 8}")))
+    out = tmp_path / "out"
+    out.mkdir()
+    results = out / "results.jsonl"
+    first = run_suite(suite, tmp_path / "full", progress=False)
+    kept = read_rows(first)[:2]
+    for row in kept:  # the two rows an interrupted run had finished ...
+        append_row(results, row)
+    with open(results, "a") as f:  # ... and the torn line it was writing when killed
+        f.write('{"key": "speed/swiglu/forward/T=8", "sta')
+    run_suite(suite, out, progress=False)
+    rows = read_rows(results)
+    assert sorted(r["key"] for r in rows) == sorted(c["key"] for c in cases(suite))
+    assert rows[:2] == kept  # finished rows are neither lost nor redone
+
+
+def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
+    suite = load_suite(str(write(tmp_path, "s.yaml",
+                                 "speed: {mixers: [mlp, swiglu], lengths: [8, 16], modes: [forward], d_model: 8}")))
+    out = tmp_path / "out"
+    for shard in ("0/2", "1/2"):
+        run_suite(suite, out, shard=shard, progress=False)
+    shard_files = sorted(out.glob("results.shard*.jsonl"))
+    assert len(shard_files) == 2 and all(read_rows(f) for f in shard_files)
+    merged = collect([out])
+    assert sorted(r["key"] for r in merged) == sorted(c["key"] for c in cases(suite))
+    one = tmp_path / "one"
+    one.mkdir()
+    for row in merged:
+        append_row(one / "results.jsonl", row)
+    assert write_report(collect([out]), tmp_path / "r1").read_text() == \
+        write_report(collect([one]), tmp_path / "r2").read_text()
+    assert zoo_main(["report", str(out), "--out", str(tmp_path / "r3")]) == 0
+    cmp = compare(merged, merged, tmp_path / "cmp", ("a", "b")).read_text()
+    assert "| speed/mlp/forward/T=8 (s) |" in cmp and "| 1.000 |" in cmp
+
+
+@pytest.mark.parametrize("text,message", [
+    ("speed: {lenghts: [8]}", r"unknown key 'lenghts' in suite s.yaml.speed \(did you mean 'lengths'"),
+    ("speed: {modes: [backward]}", r"speed.modes has 'backward'; allowed: forward, forward_backward"),
+    ("speed: {lengths: []}", r"lengths must be a non-empty list"),
+    ("sped: {}", r"unknown key 'sped' in suite s.yaml \(did you mean 'speed'"),
+    ("speed: {mixers: [sofmax]}", r"unknown mixer 'sofmax' \(did you mean 'softmax'"),
+    ("speed: {mixers: [mlp], args: {n_heads: 2}}", r"no mixer of the suite takes args.n_heads"),
+    ("speed: [unclosed", r"is not valid YAML"),
+])
+def test_bad_suite_files_name_the_field(tmp_path, text, message):
+    path = write(tmp_path, "s.yaml", text)
+    with pytest.raises(zoo.ZooConfigError, match=message):
+        cases(load_suite(str(path)))
+
+
+def test_builtin_suites_load_and_quick_shrinks_them():
+    assert zoo_main(["bench", "nope", "--no-progress"]) == 2
+    for name in ("default", "speed", "decode", "quality", "extrapolation"):
+        full, quick = cases(load_suite(name)), cases(load_suite(name, quick=True))
+        assert full and quick and len(quick) <= len(full)
+    assert {c["kind"] for c in cases(load_suite("default"))} == {"speed", "decode", "quality"}
+
+
+def test_results_rows_are_single_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_row(path, {"key": "a", "status": "ok", "text": "two\nlines"})
+    assert len(path.read_text().splitlines()) == 1
+    assert json.loads(path.read_text())["text"] == "two\nlines"
+    assert Path(path).stat().st_size > 0
