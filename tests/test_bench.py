@@ -108,6 +108,18 @@ def test_interrupted_sweep_resumes_without_losing_rows(tmp_path):
     assert rows[:2] == kept  # finished rows are neither lost nor redone
 
 
+def test_an_edited_suite_reruns_only_the_cases_it_changed(tmp_path):
+    text = "speed: {mixers: [mlp, swiglu], lengths: [8], modes: [forward], d_model: 8, args: {swiglu: {hidden: %d}}}"
+    out = tmp_path / "out"
+    run_suite(load_suite(str(write(tmp_path, "s.yaml", text % 16))), out, progress=False)
+    before = read_rows(out / "results.jsonl")
+    run_suite(load_suite(str(write(tmp_path, "s.yaml", text % 24))), out, progress=False)
+    after = read_rows(out / "results.jsonl")
+    assert [r["key"] for r in after[len(before):]] == ["speed/swiglu/forward/T=8"]
+    latest = {r["key"]: r for r in collect([out])}
+    assert latest["speed/swiglu/forward/T=8"]["case"]["args"] == {"hidden": 24}
+
+
 def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
     suite = load_suite(str(write(tmp_path, "s.yaml",
                                  "speed: {mixers: [mlp, swiglu], lengths: [8, 16], modes: [forward], d_model: 8}")))
@@ -135,7 +147,7 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
     ("speed: {lengths: []}", r"lengths must be a non-empty list"),
     ("sped: {}", r"unknown key 'sped' in suite s.yaml \(did you mean 'speed'"),
     ("speed: {mixers: [sofmax]}", r"unknown mixer 'sofmax' \(did you mean 'softmax'"),
-    ("speed: {mixers: [mlp], args: {n_heads: 2}}", r"no mixer of the suite takes args.n_heads"),
+    ("speed: {mixers: [mlp], args: {n_heads: 2}}", r"speed.args: no mixer of \['mlp'\] takes 'n_heads'"),
     ("speed: [unclosed", r"is not valid YAML"),
 ])
 def test_bad_suite_files_name_the_field(tmp_path, text, message):

@@ -153,18 +153,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def _build(mixer: str, d_model: int, args: dict, causal: bool | None = None, length: int = 0):
-    """A registry mixer for a benchmark case: ``args`` as in ``model.mixer_args``; a mixer sized
-    by ``max_len`` (linformer) is sized to the case's length unless ``args`` says otherwise."""
-    from zoo.registry import CHANNEL, SEQUENCE, accepted_kwargs, default_registry
+    """A registry mixer for a benchmark case: ``args`` are its own keyword arguments (the suite
+    split them per mixer); a mixer sized by ``max_len`` (linformer) is sized to the case's length
+    unless ``args`` says otherwise."""
+    from zoo.registry import SEQUENCE, accepted_kwargs, default_registry
 
     reg = default_registry()
     entry = reg.mixer(mixer)
-    names, var = accepted_kwargs(entry.cls)
-    mixers = set(reg.names(SEQUENCE)) | set(reg.names(CHANNEL))
-    # shared keys go to the mixers that take them (the suite checks each is taken by one); a
-    # mixer's own name holds its own arguments
-    kwargs = {k: v for k, v in args.items() if k not in mixers and (k in names or var)}
-    kwargs.update(args.get(mixer, {}))
+    names, _ = accepted_kwargs(entry.cls)
+    kwargs = dict(args)
     if entry.kind == SEQUENCE:
         kwargs.setdefault("causal", entry.causal if causal is None else causal)
         if "max_len" in names and length:

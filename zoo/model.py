@@ -59,21 +59,23 @@ class Block(nn.Module):
 
 
 def mixer_kwargs(registry: Registry, pattern: list[str], args: dict[str, Any], what: str):
-    """Split ``args`` into per-mixer keyword dicts (see :mod:`zoo.config`)."""
+    """Split ``args`` into per-mixer keyword dicts (see :mod:`zoo.config`): a shared key goes to
+    every mixer of ``pattern`` that takes it (and must be taken by one), a mixer's own name holds
+    its own arguments. ``what`` names ``args`` in errors (``model.mixer_args``)."""
     names = list(dict.fromkeys(pattern))
     accepts = {n: accepted_kwargs(registry.mixer(n).cls) for n in names}
     out: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key, value in args.items():
         if key in names:
             if not isinstance(value, dict):
-                raise ZooConfigError(f"model.{what}.{key} must be a mapping of {key}'s hyper-parameters")
+                raise ZooConfigError(f"{what}.{key} must be a mapping of {key}'s hyper-parameters")
             out[key].update(value)
             continue
         takers = [n for n in names if key in accepts[n][0] or accepts[n][1]]
         if not takers:
             allowed = sorted(set().union(*(accepts[n][0] for n in names)) | set(names))
             raise ZooConfigError(
-                f"model.{what}: no mixer of {names} takes {key!r}; allowed keys: {', '.join(allowed)}"
+                f"{what}: no mixer of {names} takes {key!r}; allowed keys: {', '.join(allowed)}"
             )
         for n in takers:
             out[n].setdefault(key, value)
@@ -101,8 +103,8 @@ class ZooModel(nn.Module):
             if reg.mixer(n).kind != "channel_mixers":
                 raise ZooConfigError(f"model.channel: {n!r} is a sequence mixer; channel mixers: "
                                      f"{', '.join(reg.names('channel_mixers'))}")
-        seq_args = mixer_kwargs(reg, cfg.mixers, cfg.mixer_args, "mixer_args")
-        ch_args = mixer_kwargs(reg, cfg.channels, cfg.channel_args, "channel_args")
+        seq_args = mixer_kwargs(reg, cfg.mixers, cfg.mixer_args, "model.mixer_args")
+        ch_args = mixer_kwargs(reg, cfg.channels, cfg.channel_args, "model.channel_args")
         self.blocks = nn.ModuleList(
             Block(
                 reg.build_mixer(m, cfg.d_model, causal=cfg.causal, position=cfg.position, **seq_args[m]),

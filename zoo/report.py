@@ -102,6 +102,10 @@ def _plt():
     return plt
 
 
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "defaults"
+
+
 def _quality_section(rows, out_dir):
     q = _ok(rows, "quality")
     if not q:
@@ -118,6 +122,7 @@ def _quality_section(rows, out_dir):
         rs.sort(key=lambda r: -r["result"]["metrics"].get("test/accuracy", 0))
         budget = rs[0]["case"].get("train", {})
         lines += [f"### {task} ({', '.join(f'{k}={v}' for k, v in budget.items())})", "",
+                  f"task: {_kv(rs[0]['case'].get('task_args', {}))}; model: {_kv(rs[0]['case'].get('model', {}))}", "",
                   "| mixer | test accuracy | test loss | params | steps | train s |", "|---|---|---|---|---|---|"]
         for r in rs:
             m = r["result"]["metrics"]

@@ -158,27 +158,15 @@ def cases(suite: Suite) -> list[dict]:
             out.append({"kind": "extrapolation", "mixer": x.mixer, "position": pos, "task": x.task,
                         "task_args": x.args, "model": x.model, "train": x.train,
                         "key": f"extrapolation/{x.task}/{x.mixer}/{pos}"})
-    for spec in (s, d):
-        if spec and spec.args:
-            _check_shared_args(suite.name, spec.args, {c["mixer"] for c in out if c.get("args") is spec.args})
+    for spec, what in ((s, "speed"), (d, "decode")):  # each case keeps only its own mixer's arguments
+        mine = [c for c in out if c["kind"] == what]
+        if mine:
+            from zoo.model import mixer_kwargs
+
+            split = mixer_kwargs(default_registry(), [c["mixer"] for c in mine], spec.args,
+                                 f"suite {suite.name!r}: {what}.args")
+            for c in mine:
+                c["args"] = split[c["mixer"]]
     for c in out:
         c["threads"] = suite.threads
     return copy.deepcopy(out)
-
-
-def _check_shared_args(suite: str, args: dict, mixers: set[str]) -> None:
-    from zoo.registry import accepted_kwargs
-
-    reg = default_registry()
-    every = set(reg.names(SEQUENCE)) | set(reg.names(CHANNEL))
-    taken = {m: accepted_kwargs(reg.mixer(m).cls) for m in mixers}
-    for key, value in args.items():
-        if key in every:
-            if not isinstance(value, dict):
-                raise ZooConfigError(f"suite {suite!r}: args.{key} must be a mapping of {key}'s hyper-parameters")
-            continue
-        if not any(key in names or var for names, var in taken.values()):
-            allowed = sorted(set().union(*(names for names, _ in taken.values())))
-            raise ZooConfigError(
-                f"suite {suite!r}: no mixer of the suite takes args.{key}; allowed: {', '.join(allowed)}"
-            )

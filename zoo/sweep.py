@@ -5,7 +5,9 @@
   goes on.
 - Atomic append: a row is one ``write`` of one line to ``results.jsonl``, flushed and fsynced;
   a torn last line (a crash mid-write) is ignored when reading.
-- Resume: a case whose key already has a row is skipped; ``--retry-failed`` reruns failed ones.
+- Resume: a case that already has a row with the same settings is skipped; a case whose settings
+  changed since (an edited suite, other ``--threads``) runs again and its new row supersedes the
+  old one; ``--retry-failed`` reruns failed ones.
 - Shards: ``--shard i/n`` runs cases i, i+n, i+2n, ...; ``zoo report`` merges shard files.
 """
 
@@ -77,9 +79,15 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
             torn = f.read(1) != b"\n"
         if torn:
             append_row_text(results, "\n")
-    done = {r["key"]: r for r in read_rows(results)}
+    done = {r["key"]: r for r in read_rows(results)}  # the last row of a key wins, here and in the report
     todo = [c for k, c in enumerate(cases(suite)) if k % n == i]
-    skip = {c["key"] for c in todo if c["key"] in done and (done[c["key"]]["status"] == "ok" or not retry_failed)}
+
+    def finished(c: dict) -> bool:  # same key *and* same settings: an edited suite reruns what it changed
+        row = done.get(c["key"])
+        return (row is not None and row.get("case") == json.loads(json.dumps(c))
+                and (row.get("status") == "ok" or not retry_failed))
+
+    skip = {c["key"] for c in todo if finished(c)}
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), initial=len(skip), disable=not progress, unit="case", dynamic_ncols=True)
