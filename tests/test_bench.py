@@ -149,9 +149,12 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
     ("speed: {mixers: [sofmax]}", r"unknown mixer 'sofmax' \(did you mean 'softmax'"),
     ("speed: {mixers: [mlp], args: {n_heads: 2}}", r"speed.args: no mixer of \['mlp'\] takes 'n_heads'"),
     ("speed: [unclosed", r"is not valid YAML"),
+    ("quality: {mixers: [softmax], model: {mixer_args: {d_state: 8}}}",
+     r"quality.model.mixer_args: no mixer of \['softmax'\] takes 'd_state'"),
+    ("quality: {mixers: [softmax], model: {d_modle: 8}}", r"unknown key 'd_modle' in suite 'x': quality.model"),
 ])
 def test_bad_suite_files_name_the_field(tmp_path, text, message):
-    path = write(tmp_path, "s.yaml", text)
+    path = write(tmp_path, "s.yaml", "name: x\n" + text)
     with pytest.raises(zoo.ZooConfigError, match=message):
         cases(load_suite(str(path)))
 

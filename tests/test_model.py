@@ -51,8 +51,18 @@ def test_hybrid_pattern_cycles_over_layers():
 def test_mixer_args_nobody_takes():
     with pytest.raises(zoo.ZooConfigError, match=r"no mixer of \['softmax'\] takes 'd_state'; allowed keys: .*n_heads"):
         zoo.build_model({**TINY, "mixer_args": {"d_state": 16}})
+    with pytest.raises(zoo.ZooConfigError, match=r"model.mixer_args.window must be a mapping"):
+        zoo.build_model({**TINY, "mixer_args": {"window": 8}})
     with pytest.raises(zoo.ZooConfigError, match=r"model.mixer: 'mlp' is a channel mixer"):
         zoo.build_model({**TINY, "mixer": "mlp"})
+
+
+def test_a_mixers_own_args_wait_while_it_is_not_in_the_model():
+    args = {"softmax": {"n_heads": 4}, "window": {"window": 3}}  # one file for every mixer of a sweep
+    softmax = zoo.build_model({**TINY, "mixer_args": args})
+    assert softmax.blocks[0].mixer.n_heads == 4
+    window = zoo.build_model({**TINY, "mixer": "window", "mixer_args": args})
+    assert window.blocks[0].mixer.window == 3
 
 
 def test_learned_positions_bound_the_length():

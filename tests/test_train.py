@@ -92,7 +92,7 @@ def test_ddp_two_cpu_processes_sync_metrics(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["--task.name", "mqr"], r"unknown task 'mqr' \(did you mean 'mqar'"),
-    (["--model.mixer", "linformer"], r"task 'mqar' needs a causal model: sequence mixer 'linformer' cannot be causal"),
+    (["--model.mixer", "linformer"], r"task 'mqar' \(a causal model\): sequence mixer 'linformer' cannot be causal"),
     (["--model.position", "learned", "--model.max_len", "8"], r"task 'mqar' \(train, length 16\): length 16 exceeds model.max_len=8"),
     (["--model.causal", "false"], r"model.causal=False conflicts with task 'mqar', which needs causal=True"),
     (["--train.max_steps", "0"], r"train.max_steps must be >= 1"),

@@ -3,7 +3,9 @@
     model:
       mixer: softmax            # or a list cycled over the layers: [mamba, mamba, softmax]
       mixer_args: {n_heads: 4}  # keys go to every mixer that takes them; a mixer's own name
-                                # as key ({softmax: {n_heads: 4}}) targets that mixer only
+                                # as key ({softmax: {n_heads: 4}}) targets that mixer only and
+                                # is ignored while that mixer is not in the model, so one file
+                                # can hold every mixer's settings for `--model.mixer X` sweeps
       channel: mlp
       d_model: 128
       n_layers: 2

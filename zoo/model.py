@@ -65,11 +65,14 @@ def mixer_kwargs(registry: Registry, pattern: list[str], args: dict[str, Any], w
     names = list(dict.fromkeys(pattern))
     accepts = {n: accepted_kwargs(registry.mixer(n).cls) for n in names}
     out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    # a mixer of the same kind that is not in the pattern: its dict is kept for when it is
+    others = {o for kind in {registry.mixer(n).kind for n in names} for o in registry.names(kind)}
     for key, value in args.items():
-        if key in names:
+        if key in names or key in others:
             if not isinstance(value, dict):
                 raise ZooConfigError(f"{what}.{key} must be a mapping of {key}'s hyper-parameters")
-            out[key].update(value)
+            if key in names:
+                out[key].update(value)
             continue
         takers = [n for n in names if key in accepts[n][0] or accepts[n][1]]
         if not takers:

@@ -167,6 +167,17 @@ def cases(suite: Suite) -> list[dict]:
                                  f"suite {suite.name!r}: {what}.args")
             for c in mine:
                 c["args"] = split[c["mixer"]]
-    for c in out:
+    for c in out:  # a training case's model settings fail here, before any case runs
+        if c["kind"] in ("quality", "extrapolation"):
+            _check_model(suite.name, c)
         c["threads"] = suite.threads
     return copy.deepcopy(out)
+
+
+def _check_model(suite: str, case: dict) -> None:
+    from zoo.config import ModelConfig
+    from zoo.model import mixer_kwargs
+
+    where = f"suite {suite!r}: {case['kind']}.model"
+    cfg = from_dict(ModelConfig, {**case["model"], "mixer": case["mixer"]}, where)
+    mixer_kwargs(default_registry(), cfg.mixers, cfg.mixer_args, f"{where}.mixer_args")

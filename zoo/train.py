@@ -149,7 +149,7 @@ def resolve(cfg: Config) -> tuple[Config, Task]:
         net = build_model(cfg.model)
     except ZooConfigError as e:
         kind = "causal" if cfg.model.causal else "bidirectional"
-        raise ZooConfigError(f"task {cfg.task.name!r} needs a {kind} model: {e}") from e
+        raise ZooConfigError(f"task {cfg.task.name!r} (a {kind} model): {e}") from e
     task.setup("fit")
     with torch.no_grad():  # a dry forward at every length the run will see: sizes that do not fit fail now
         for name in ("train", *task.test_names()):
