@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.mixers.linear import ExclusiveCumsum
+from zoo.mixers.linear import CausalChunked
 from zoo.mixers.lsh import SELF_SCORE, _ChunkAttention
 
 D, H = 32, 2
@@ -205,7 +205,13 @@ def test_linformer_matches_the_linformer_package(share_kv):
 @pytest.mark.parametrize("feature_map", ["elu", "relu", "softplus"])
 def test_linear_chunked_equals_quadratic(causal, chunk, feature_map):
     ref, fast = pair("linear", causal=causal, chunk=chunk, feature_map=feature_map)
-    assert_same(ref, fast, torch.randn(2, 37, D, dtype=torch.float64))
+    x = torch.randn(2, 37, D, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-10, atol=1e-10)
+    g = torch.randn(2, 37, D, dtype=torch.float64)  # the hand-written backward, inputs and weights
+    a = torch.autograd.grad(fast(x), [x, *fast.parameters()], g)
+    b = torch.autograd.grad(ref(x), [x, *ref.parameters()], g)
+    for ga, gb in zip(a, b, strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-10)
 
 
 def test_linear_recurrent_state_is_constant_and_equals_forward():
@@ -230,10 +236,11 @@ def test_linear_normalizer_is_safe():
     assert torch.isfinite(y).all()
 
 
-def test_exclusive_cumsum_gradcheck():
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(ExclusiveCumsum.apply(x), x.cumsum(2) - x)
-    assert torch.autograd.gradcheck(ExclusiveCumsum.apply, (x,))
+@pytest.mark.parametrize("c", [1, 4, 12])
+def test_linear_causal_chunked_gradcheck(c):
+    q, k = (torch.rand(2, 3, 12, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))  # phi >= 0
+    v = torch.randn(2, 3, 12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: CausalChunked.apply(q, k, v, c, 1e-6), (q, k, v))
 
 
 def test_linear_unknown_feature_map():
