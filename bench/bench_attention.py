@@ -13,14 +13,12 @@ then the log-log slope of time and of bytes saved for backward from N=1024 to 16
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.measure import compare_times, keep_freed_memory, loglog_slope, ratio, saved_tensor_bytes
+from zoo.measure import bench_parser, compare_times, loglog_slope, parse_bench_args, ratio, saved_tensor_bytes
 
 H, HD = 8, 64
 D = H * HD
@@ -131,16 +129,11 @@ def growth(lengths, rounds: int, threads: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, rounds=5)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--growth", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory for reuse, as a caching allocator does (zoo.measure.keep_freed_memory)")
-    a = p.parse_args()
-    alloc = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
-    print(f"torch {torch.__version__}, {alloc}, {a.threads} threads, fp32, batch 1, {H} heads, head dim {HD}")
+    a = parse_bench_args(p)
+    print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, batch 1, {H} heads, head dim {HD}")
     torch.manual_seed(0)
     side_by_side(a.length, a.rounds, a.threads)
     growth(a.growth, max(1, a.rounds // 2), a.threads)

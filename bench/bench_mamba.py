@@ -10,7 +10,6 @@ process; growth of time and of the peak from L=1024 to 16384.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.measure import compare_times, keep_freed_memory, loglog_slope, peak_rss_bytes, ratio
+from zoo.measure import bench_parser, compare_times, loglog_slope, parse_bench_args, peak_rss_bytes, ratio
 
 D = 512
 
@@ -46,14 +45,31 @@ def fwd_bwd(m, x):
     return run
 
 
+def scan_case(backend: str, L: int, d_inner: int = 2 * D, N: int = 16):
+    """The selective scan alone (the same random inputs for every backend), forward+backward."""
+    from zoo.mixers.selective_scan import scan
+
+    g = torch.Generator().manual_seed(0)
+    u, delta, z = (torch.randn(1, L, d_inner, generator=g, requires_grad=True) for _ in range(3))
+    Bm, Cm = (torch.randn(1, L, N, generator=g, requires_grad=True) for _ in range(2))
+    A = -torch.rand(d_inner, N, generator=g).add(0.5).requires_grad_()
+    Dk, bias = (torch.randn(d_inner, generator=g, requires_grad=True) for _ in range(2))
+
+    def run():
+        scan(backend, u, delta, A, Bm, Cm, Dk, z, bias).sum().backward()
+    return run
+
+
 @pytest.mark.parametrize("name", ["zoo"])
 def test_mamba_block_forward_backward_1024(benchmark, name):
     benchmark(fwd_bwd(*build(name, 1024)))
 
 
-def rss_case(name: str, L: int) -> int:
-    """Peak RSS increase of one forward+backward, measured in a fresh interpreter."""
-    code = ("import json, sys; sys.path.insert(0, 'bench'); import bench_mamba as b; "
+def rss_case(name: str, L: int, keep_freed: bool = False) -> int:
+    """Peak RSS increase of one forward+backward, measured in a fresh interpreter (with the
+    parent's allocator setting)."""
+    keep = "from zoo.measure import keep_freed_memory; keep_freed_memory(); " if keep_freed else ""
+    code = (f"import json, sys; {keep}sys.path.insert(0, 'bench'); import bench_mamba as b; "
             f"print(json.dumps(b._rss_here({name!r}, {L})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -68,16 +84,11 @@ def _rss_here(name: str, L: int) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, rounds=5)
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--growth", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory for reuse, as a caching allocator does (zoo.measure.keep_freed_memory)")
-    a = p.parse_args()
-    alloc = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
-    print(f"torch {torch.__version__}, {alloc}, {a.threads} threads, fp32, batch 1, d_model {D}, d_state 16, expand 2")
+    a = parse_bench_args(p)
+    print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, batch 1, d_model {D}, d_state 16, expand 2")
     L = a.length
     zoo_m, x = build("zoo", L)
     peer_m, _ = build("mambapy", L)
@@ -86,7 +97,9 @@ def main() -> None:
     f = compare_times({"zoo": lambda: zoo_m(x), "mambapy": lambda: peer_m(x)}, rounds=a.rounds, num_threads=a.threads)
     r = compare_times({"zoo": fwd_bwd(zoo_m, x), "reference": fwd_bwd(ref_m, x)}, rounds=max(1, a.rounds // 2),
                       num_threads=a.threads, min_run_time=0.5)
-    rss = {n: rss_case(n, L) for n in ("zoo", "mambapy")}
+    sc = compare_times({"torch": scan_case("torch", L), "reference": scan_case("reference", L)},
+                       rounds=max(1, a.rounds // 2), num_threads=a.threads, min_run_time=0.5)
+    rss = {n: rss_case(n, L, a.keep_freed_memory) for n in ("zoo", "mambapy")}
     print(f"\n### L={L}\n")
     print("| comparison | zoo ms | other ms | ratio zoo / other |")
     print("|---|---|---|---|")
@@ -96,6 +109,8 @@ def main() -> None:
           f"{ratio(f, 'zoo', 'mambapy'):.3f} |")
     print(f"| forward+backward vs step-by-step reference | {r['zoo'].median * 1e3:.1f} | "
           f"{r['reference'].median * 1e3:.1f} | {ratio(r, 'zoo', 'reference'):.4f} |")
+    print(f"| the scan alone, forward+backward, vs the step-by-step reference | {sc['torch'].median * 1e3:.1f} | "
+          f"{sc['reference'].median * 1e3:.1f} | {ratio(sc, 'torch', 'reference'):.4f} |")
     print(f"| peak memory of forward+backward (MB) vs mambapy | {rss['zoo'] / 2**20:.1f} | "
           f"{rss['mambapy'] / 2**20:.1f} | {rss['zoo'] / rss['mambapy']:.3f} |")
     print(f"\n### Growth from L={a.growth[0]} to {a.growth[-1]}\n")
@@ -106,7 +121,7 @@ def main() -> None:
         m, xn = build("zoo", n)
         times.append(compare_times({"zoo": fwd_bwd(m, xn)}, rounds=max(1, a.rounds // 2), num_threads=a.threads,
                                    min_run_time=0.2)["zoo"].median)
-        mems.append(rss_case("zoo", n))
+        mems.append(rss_case("zoo", n, a.keep_freed_memory))
     print("| forward+backward ms | " + " | ".join(f"{v * 1e3:.1f}" for v in times) + f" | {loglog_slope(a.growth, times):.3f} |")
     print("| peak memory MB | " + " | ".join(f"{v / 2**20:.1f}" for v in mems) + f" | {loglog_slope(a.growth, mems):.3f} |")
 

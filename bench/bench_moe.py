@@ -9,13 +9,11 @@ side by side in alternating rounds.
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 import zoo
-from zoo.measure import compare_times, keep_freed_memory, ratio, saved_tensor_bytes
+from zoo.measure import bench_parser, compare_times, parse_bench_args, ratio, saved_tensor_bytes
 
 D, HIDDEN, E, K, TOKENS = 512, 2048, 8, 2, 4096
 
@@ -53,14 +51,9 @@ def test_moe_forward_backward(benchmark, name):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory for reuse, as a caching allocator does (zoo.measure.keep_freed_memory)")
-    a = p.parse_args()
-    alloc = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
-    print(f"torch {torch.__version__}, {alloc}, {a.threads} threads, fp32, {TOKENS} tokens, "
+    p = bench_parser(__doc__, rounds=7)
+    a = parse_bench_args(p)
+    print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, {TOKENS} tokens, "
           f"d {D}, hidden {HIDDEN}, {E} experts, top-{K}, forward+backward")
     fns = cases()
     t = compare_times({n: fwd_bwd(f) for n, f in fns.items()}, rounds=a.rounds, num_threads=a.threads)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.measure import compare_times, keep_freed_memory, ratio, saved_tensor_bytes
+from zoo.measure import bench_parser, compare_times, parse_bench_args, ratio, saved_tensor_bytes
 
 H, HD = 8, 64
 
@@ -55,15 +54,10 @@ def test_attend_forward_backward(benchmark, name, T):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, rounds=7)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory for reuse, as a caching allocator does (zoo.measure.keep_freed_memory)")
-    a = p.parse_args()
-    alloc = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
-    print(f"torch {torch.__version__}, {alloc}, {a.threads} threads, fp32, B=1 H={H} hd={HD}, causal, forward+backward")
+    a = parse_bench_args(p)
+    print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, B=1 H={H} hd={HD}, causal, forward+backward")
     print("| T | zoo / sdpa | zoo / textbook | zoo ms | sdpa ms | textbook ms | saved bytes zoo | saved bytes textbook |")
     print("|---|---|---|---|---|---|---|---|")
     for T in a.lengths:

@@ -173,3 +173,13 @@ def test_results_rows_are_single_lines(tmp_path):
     assert len(path.read_text().splitlines()) == 1
     assert json.loads(path.read_text())["text"] == "two\nlines"
     assert Path(path).stat().st_size > 0
+
+
+def test_loglog_slope_recovers_the_exponent_and_needs_two_lengths():
+    import math
+
+    from zoo.measure import loglog_slope
+
+    xs = [256, 1024, 4096]
+    assert loglog_slope(xs, [3 * x**1.5 for x in xs]) == pytest.approx(1.5)
+    assert math.isnan(loglog_slope([1024, 1024], [1.0, 2.0]))

@@ -8,6 +8,7 @@ machine whichever side runs first is otherwise penalised by several percent.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import math
@@ -59,6 +60,23 @@ def keep_freed_memory() -> str:
     return "glibc malloc, freed memory kept (mmap off)" if ok else "system allocator (unchanged)"
 
 
+def bench_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every script in ``bench/`` shares: rounds, threads, the allocator."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse, as a caching allocator does (keep_freed_memory)")
+    return p
+
+
+def parse_bench_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, apply ``--keep-freed-memory``, and record the allocator in ``allocator``."""
+    a = p.parse_args()
+    a.allocator = keep_freed_memory() if a.keep_freed_memory else "system allocator (glibc defaults)"
+    return a
+
+
 @dataclass
 class Timing:
     name: str
@@ -98,7 +116,10 @@ def ratio(timings: dict[str, Timing], a: str, b: str) -> float:
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log(y) against log(x): the exponent of the growth y ~ x^slope."""
+    """Least-squares slope of log(y) against log(x): the exponent of the growth y ~ x^slope;
+    NaN when fewer than two different x are given (no growth to fit)."""
+    if len(set(xs)) < 2:
+        return float("nan")
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
