@@ -121,7 +121,7 @@ def _quality_section(rows, out_dir):
     for ax, ax2, (task, rs) in zip(axes[0], axes2[0], sorted(by_task.items()), strict=True):
         rs.sort(key=lambda r: -r["result"]["metrics"].get("test/accuracy", 0))
         budget = rs[0]["case"].get("train", {})
-        lines += [f"### {task} ({', '.join(f'{k}={v}' for k, v in budget.items())})", "",
+        lines += [f"### {task} ({_kv(budget)})", "",
                   f"task: {_kv(rs[0]['case'].get('task_args', {}))}; model: {_kv(rs[0]['case'].get('model', {}))}", "",
                   "| mixer | test accuracy | test loss | params | steps | train s |", "|---|---|---|---|---|---|"]
         for r in rs:
