@@ -40,6 +40,24 @@ def test_fast_scans_equal_the_reference_fp32(impl, L):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("L", [1, 3, 17])
+def test_cpp_conv_silu_equals_conv1d(bias, L):
+    if not selective_scan.cpp_available():
+        pytest.skip("no C++ toolchain here; Mamba runs nn.Conv1d")
+    conv = torch.nn.Conv1d(10, 10, 4, groups=10, padding=3, bias=bias).double()
+    xz = torch.randn(2, L, 20, dtype=torch.float64, requires_grad=True)  # x: a strided half, as in Mamba
+    fast = selective_scan.conv_silu("torch", xz[..., :10], conv)
+    ref = selective_scan.conv_silu("reference", xz[..., :10], conv)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    params = [xz, *conv.parameters()]
+    for a, b in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    fn = lambda xz, w, *b: selective_scan._CppConvSiLU.apply(xz[..., 10:], w, *(b or [None]))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(params))
+
+
 def test_torch_backend_falls_back_to_the_chunked_scan(monkeypatch):
     monkeypatch.setattr(selective_scan, "cpp_available", lambda: False)
     ref = zoo.build_mixer("mamba", D, d_state=4, backend="reference").double()

@@ -100,13 +100,13 @@ class Mamba(SequenceMixer):
         return dt @ self.dt_proj.weight.t(), Bm, Cm
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, L, d_model)
-        L = u.shape[1]
+        backend = self.backend_for(u.device)
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, d_inner)
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :L]).transpose(1, 2)
+        x = selective_scan.conv_silu(backend, x, self.conv1d)
         delta, Bm, Cm = self.ssm_inputs(x)
         A = -torch.exp(self.A_log.to(x.dtype))  # (d_inner, N)
         y = selective_scan.scan(
-            self.backend_for(u.device), x, delta, A, Bm, Cm, self.D.to(x.dtype), z,
+            backend, x, delta, A, Bm, Cm, self.D.to(x.dtype), z,
             self.dt_proj.bias.to(x.dtype), chunk=self.chunk,
         )
         return self.out_proj(y)

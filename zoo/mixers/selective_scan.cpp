@@ -214,9 +214,114 @@ std::vector<at::Tensor> backward(at::Tensor u, at::Tensor draw, at::Tensor A, at
   return {du, ddraw, dz, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)};
 }
 
+// -- causal depthwise conv1d + SiLU, in the (B, L, D) layout of the scan ----------------------
+// out[b, t, d] = silu(bias[d] + sum_j w[d, j] x[b, t + j - (K - 1), d]) (zero before t = 0): what
+// Mamba's Conv1d(groups=D, padding=K-1)[..., :L] computes, without transposing x to (B, D, L)
+// and back. x may be a strided view (row strides sb, sl; channels contiguous), as the x half of
+// in_proj's output is. Backward recomputes the pre-activation; tasks own channel blocks of every
+// batch row, so the weight and bias gradients need no reduction across tasks.
+template <typename T>
+void conv_fwd_kernel(const T* x, int64_t sb, int64_t sl, const T* w, const T* bias, T* out,
+                     int64_t Bsz, int64_t L, int64_t D, int64_t K) {
+  const int64_t nblk = (D + DB - 1) / DB;
+  at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> wt(K * DB), acc(DB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nblk, d0 = (task % nblk) * DB, nd = std::min(DB, D - d0);
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t d = 0; d < DB; ++d) wt[j * DB + d] = d < nd ? w[(d0 + d) * K + j] : T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t d = 0; d < nd; ++d) acc[d] = bias[d0 + d];
+        for (int64_t j = std::max<int64_t>(0, K - 1 - t); j < K; ++j) {
+          const T* xr = x + b * sb + (t + j - (K - 1)) * sl + d0;
+          const T* wj = wt.data() + j * DB;
+#pragma omp simd
+          for (int64_t d = 0; d < nd; ++d) acc[d] += wj[d] * xr[d];
+        }
+        T* o = out + (b * L + t) * D + d0;
+        for (int64_t d = 0; d < nd; ++d) o[d] = acc[d] * sigmoid(acc[d]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_bwd_kernel(const T* x, int64_t sb, int64_t sl, const T* w, const T* bias, const T* g,
+                     T* gx, T* gw, T* gbias, int64_t Bsz, int64_t L, int64_t D, int64_t K) {
+  const int64_t nblk = (D + DB - 1) / DB;
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> wt(K * DB), gwt(K * DB), gp(DB), gb(DB);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t d0 = blk * DB, nd = std::min(DB, D - d0);
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t d = 0; d < DB; ++d) wt[j * DB + d] = d < nd ? w[(d0 + d) * K + j] : T(0);
+      std::fill(gwt.begin(), gwt.end(), T(0));
+      std::fill(gb.begin(), gb.end(), T(0));
+      for (int64_t b = 0; b < Bsz; ++b) {
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t j0 = std::max<int64_t>(0, K - 1 - t);
+          for (int64_t d = 0; d < nd; ++d) gp[d] = bias[d0 + d];
+          for (int64_t j = j0; j < K; ++j) {
+            const T* xr = x + b * sb + (t + j - (K - 1)) * sl + d0;
+            for (int64_t d = 0; d < nd; ++d) gp[d] += wt[j * DB + d] * xr[d];
+          }
+          const T* gr = g + (b * L + t) * D + d0;
+          for (int64_t d = 0; d < nd; ++d) {  // d silu(p) / dp = s (1 + p (1 - s))
+            const T p = gp[d], sg = sigmoid(p);
+            gp[d] = gr[d] * sg * (T(1) + p * (T(1) - sg));
+            gb[d] += gp[d];
+          }
+          for (int64_t j = j0; j < K; ++j) {
+            const int64_t tt = t + j - (K - 1);
+            const T* xr = x + b * sb + tt * sl + d0;
+            T* gxr = gx + (b * L + tt) * D + d0;
+            T* gwj = gwt.data() + j * DB;
+            const T* wj = wt.data() + j * DB;
+#pragma omp simd
+            for (int64_t d = 0; d < nd; ++d) {
+              gxr[d] += wj[d] * gp[d];
+              gwj[d] += gp[d] * xr[d];
+            }
+          }
+        }
+      }
+      for (int64_t d = 0; d < nd; ++d) {
+        gbias[d0 + d] = gb[d];
+        for (int64_t j = 0; j < K; ++j) gw[(d0 + d) * K + j] = gwt[j * DB + d];
+      }
+    }
+  });
+}
+
+at::Tensor conv_forward(at::Tensor x, at::Tensor w, at::Tensor bias) {  // x (B, L, D), w (D, K)
+  const int64_t Bsz = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
+  TORCH_CHECK(x.stride(2) == 1, "conv_forward: channels must be contiguous");
+  auto out = at::empty({Bsz, L, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoo_conv_fwd", [&] {
+    conv_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w.data_ptr<scalar_t>(),
+                              bias.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), Bsz, L, D, K);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> conv_backward(at::Tensor x, at::Tensor w, at::Tensor bias, at::Tensor g) {
+  const int64_t Bsz = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
+  auto gx = at::zeros({Bsz, L, D}, x.options());
+  auto gw = at::empty({D, K}, x.options());
+  auto gbias = at::empty({D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoo_conv_bwd", [&] {
+    conv_bwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w.data_ptr<scalar_t>(),
+                              bias.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                              gw.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), Bsz, L, D, K);
+  });
+  return {gx, gw, gbias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "selective scan forward (CPU)");
   m.def("backward", &backward, "selective scan backward (CPU)");
+  m.def("conv_forward", &conv_forward, "causal depthwise conv1d + SiLU forward (CPU)");
+  m.def("conv_backward", &conv_backward, "causal depthwise conv1d + SiLU backward (CPU)");
 }

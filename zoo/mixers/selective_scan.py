@@ -9,7 +9,8 @@ with ``torch.utils.cpp_extension``; set ZOO_SCAN_CPP=0 to skip it) for fp32/fp64
 and otherwise the chunked scan below: chunks of ``chunk`` steps, a Hillis-Steele scan inside a
 chunk (log2(chunk) vectorised passes, numerically stable: only products of decays <= 1), the
 state carried across chunks, and each chunk recomputed in backward (``torch.utils.checkpoint``)
-so that no (B, L, D, N) tensor is kept.
+so that no (B, L, D, N) tensor is kept. The same C++ file holds Mamba's causal depthwise
+convolution + SiLU in the (B, L, D) layout (``conv_silu``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from zoo.errors import ZooConfigError
@@ -118,6 +120,37 @@ class _CppScan(torch.autograd.Function):
         *args, states = ctx.saved_tensors
         du, ddelta, dz, dA, dB, dC, dD, dbias = _extension().backward(*args, states, dout.contiguous(), ctx.chunk)
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+
+
+class _CppConvSiLU(torch.autograd.Function):
+    """silu(causal depthwise conv1d) in the (B, L, D) layout, by the C++ kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        w = weight.reshape(weight.shape[0], -1).contiguous()  # (D, 1, K) -> (D, K)
+        b = bias.contiguous() if bias is not None else x.new_zeros(x.shape[-1])
+        ctx.save_for_backward(x, w, b)
+        ctx.has_bias, ctx.wshape = bias is not None, weight.shape
+        return _extension().conv_forward(x, w, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, w, b = ctx.saved_tensors
+        gx, gw, gb = _extension().conv_backward(x, w, b, g.contiguous())
+        return gx, gw.view(ctx.wshape), gb if ctx.has_bias else None
+
+
+def conv_silu(backend: str, x, conv: torch.nn.Conv1d):
+    """silu(conv(x))[:, :L] for Mamba's causal depthwise ``conv`` (groups = channels, padding
+    K - 1); x and the result are (B, L, D). The torch backend on the CPU runs the C++ kernel
+    (no transposes to (B, D, L) and back); everything else runs ``conv`` itself."""
+    if backend == "torch" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
+            and cpp_available():
+        return _CppConvSiLU.apply(x, conv.weight, conv.bias)
+    return F.silu(conv(x.transpose(1, 2))[..., : x.shape[1]]).transpose(1, 2)
 
 
 # -- mamba-ssm -------------------------------------------------------------------------------------
