@@ -37,11 +37,12 @@ class CausalChunked(torch.autograd.Function):
 
         out = tril(Q K^T) V1 + Q S,   S = sum over earlier chunks of K^T V1,   y = out_v / (out_1 + eps)
 
-    Written by hand, not left to autograd, because autograd's version spent 40% of the
-    forward+backward outside the matmuls: zero-filled gradient buffers for the two slices of
-    ``out``, separate additions where one ``baddbmm`` accumulates, a flip-cumsum-flip for the
-    prefix sum's backward, and the gradient of the ones column. Saves q, k, v1, S, the masked
-    chunk scores and y (the chunk scores cost T * c numbers, as q does at c = d)."""
+    Written by hand, not left to autograd, because autograd's version did work besides the
+    matmuls that this one avoids: zero-filled gradient buffers for the two slices of ``out``,
+    separate additions where one ``baddbmm`` accumulates, a flip-cumsum-flip for the prefix
+    sum's backward, and the gradient of the ones column (docs/efficient-attention.md has the
+    timings). Saves q, k, v1, S, the masked chunk scores, y and the normaliser (the chunk
+    scores cost T * c numbers, as q does at c = d)."""
 
     @staticmethod
     def forward(ctx, q, k, v, c: int, eps: float):
