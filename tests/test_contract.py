@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import D_MODEL, build_tiny, sequence_cases
 
+import zoo
+from zoo.contract import decode
 from zoo.registry import default_registry
 
 CASES = sequence_cases()
@@ -37,6 +39,71 @@ def test_causality_gradient(name, causal, position):
         assert g[0, T // 2 :].abs().max() > 0, "bidirectional outputs ignore the future"
 
 
+def _strict(name):
+    return default_registry().mixer(name).strictly_causal
+
+
+STRICT = [c for c in CASES if c.values[1] and _strict(c.values[0])]
+LEAKY = [c for c in CASES if c.values[1] and not _strict(c.values[0])]
+
+
+@pytest.mark.parametrize("name,causal,position", STRICT)
+def test_causality_values(name, causal, position):
+    """Causal on values, not only gradients: changing only inputs after t leaves every output
+    up to t bit-identical. Catches leaks that carry no gradient (hashing, sorting, routing) and
+    leaks that cancel in exact arithmetic but not in floating point (a prefix sum minus a part)."""
+    m = build_tiny(name, causal=True, position=position).double()
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    y = m(x)
+    for t in (0, 3, 7, 15, T // 2, T - 2):
+        for scale in (1.0, 1e4):  # an ordinary change and a spike (cancellation shows at scale)
+            x2 = x.clone()
+            x2[:, t + 1 :] = scale * torch.randn_like(x2[:, t + 1 :])
+            y2 = m(x2)
+            diff = (y2[:, : t + 1] - y[:, : t + 1]).abs().max().item()
+            assert torch.equal(y2[:, : t + 1], y[:, : t + 1]), \
+                f"changing inputs after {t} (x{scale:g}) changed outputs <= {t} by {diff:.3g}"
+
+
+@pytest.mark.parametrize("name,causal,position", LEAKY)
+def test_leaky_causal_mixers_say_so_and_are_refused(name, causal, position):
+    """A mixer whose causal mode masks the future but whose outputs still depend on it (as
+    published) says so in the registry, on the instance, and is refused in a causal model
+    unless the config asks for it; the leak is real (else the mark would be a lie)."""
+    m = build_tiny(name, causal=True, position=position).double()
+    assert m.causal_leak, f"{name} is registered as not strictly causal but its instance does not say why"
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, T // 2 :] = torch.randn_like(x2[:, T // 2 :])
+    assert not torch.equal(m(x)[:, : T // 2], m(x2)[:, : T // 2]), f"{name} is causal on values after all"
+    e = default_registry().mixer(name)
+    cfg = {"mixer": name, "d_model": D_MODEL, "n_layers": 1, "mixer_args": dict(e.tiny), "position": position}
+    with pytest.raises(zoo.ZooConfigError, match=rf"{name}.*not strictly causal.*allow_causal_leak"):
+        zoo.build_model(cfg)
+    zoo.build_model({**cfg, "allow_causal_leak": True})
+
+
+@pytest.mark.parametrize("name,causal,position", STRICT)
+def test_strict_mixers_report_no_leak(name, causal, position):
+    assert getattr(build_tiny(name, causal=True, position=position), "causal_leak", None) is None
+
+
+@pytest.mark.parametrize("name,causal,position", CASES)
+def test_empty_inputs(name, causal, position):
+    """One behaviour for empty inputs everywhere: length 0 or batch 0 gives an empty output of
+    the same shape (and a gradient of zeros), never an exception."""
+    e = default_registry().mixer(name)
+    backends = [b for b, why in e.available_backends("cpu").items() if not why]
+    for backend in backends if hasattr(e.cls, "BACKENDS") else [None]:  # a user mixer may have none
+        m = build_tiny(name, causal=causal, position=position, **({"backend": backend} if backend else {}))
+        for shape in ((2, 0, D_MODEL), (0, T, D_MODEL), (0, 0, D_MODEL)):
+            x = torch.randn(*shape, requires_grad=True)
+            y = m(x)
+            assert y.shape == x.shape, f"{backend} {shape}: got {tuple(y.shape)}"
+            y.sum().backward()
+            assert x.grad is not None and x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("name,causal,position", CASES)
 def test_batch_independence(name, causal, position):
     m = build_tiny(name, causal=causal, position=position).double()
@@ -53,13 +120,29 @@ DECODE = [c for c in CASES if default_registry().mixer(c.values[0]).decode and c
 def test_step_equals_forward(name, causal, position):
     m = build_tiny(name, causal=causal, position=position).double()
     x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
-    full = m(x)
-    state = m.init_state(2, dtype=torch.float64)
-    ys = []
-    for t in range(T):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), full, rtol=1e-9, atol=1e-9)
+    ys, _ = decode(m, x)
+    torch.testing.assert_close(ys, m(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,causal,position", DECODE)
+def test_state_reuse(name, causal, position):
+    """The one rule for decode states: ``step`` never changes what its input state means. A
+    state stepped twice (beam search, speculative decoding, a retry) gives two independent
+    branches, each equal to the forward of its own sequence, and the first is not corrupted by
+    the second; stepping the same state a third time repeats the first result exactly."""
+    m = build_tiny(name, causal=causal, position=position).double()
+    prefix = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
+    a, b = (torch.randn(2, T - 13, D_MODEL, dtype=torch.float64) for _ in range(2))
+    _, s = decode(m, prefix)
+    ya0, sa = m.step(a[:, 0], s)
+    yb0, sb = m.step(b[:, 0], s)  # the same state again, another token
+    ya0_again, _ = m.step(a[:, 0], s)
+    torch.testing.assert_close(ya0_again, ya0, rtol=0, atol=0)
+    ya, _ = decode(m, a[:, 1:], sa)
+    yb, _ = decode(m, b[:, 1:], sb)
+    full_a, full_b = m(torch.cat((prefix, a), 1)), m(torch.cat((prefix, b), 1))
+    torch.testing.assert_close(torch.cat((ya0[:, None], ya), 1), full_a[:, 13:], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.cat((yb0[:, None], yb), 1), full_b[:, 13:], rtol=1e-9, atol=1e-9)
 
 
 def _backend_cases():

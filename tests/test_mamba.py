@@ -40,6 +40,50 @@ def test_fast_scans_equal_the_reference_fp32(impl, L):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=f"d{name}")
 
 
+def test_cpp_kernels_are_finite_where_the_math_is():
+    """Fast math must not assume finite math: silu and exp overflow to inf on purpose at large
+    negative arguments (silu(-89) = -0 in fp32), which -ffinite-math-only turns into NaN."""
+    if not selective_scan.cpp_available():
+        pytest.skip("no C++ toolchain here")
+    conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.zero_()
+    x = torch.tensor([-89.0, -100.0, -1000.0, 89.0, 1e30, -1e30, 0.0, -88.0]).repeat(4, 1).t()[None].contiguous()
+    fast = selective_scan.conv_silu("torch", x, conv)
+    ref = selective_scan.conv_silu("reference", x, conv)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(fast, ref)
+    args = [a.detach() for a in scan_inputs(40)]
+    for z_value in (-89.0, -1000.0, -1e30):  # the silu(z) gate
+        args[6] = torch.full_like(args[6], z_value)
+        ref = selective_scan.reference_scan(*args)
+        fast = selective_scan._CppScan.apply(*args, 16)
+        assert torch.isfinite(ref).all() and torch.isfinite(fast).all(), z_value
+        torch.testing.assert_close(fast, ref)
+
+
+def test_whole_block_at_extreme_inputs_equals_the_reference():
+    fast = zoo.build_mixer("mamba", 64, backend="torch")
+    ref = zoo.build_mixer("mamba", 64, backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    x = 50 * torch.randn(2, 48, 64)
+    with torch.no_grad():
+        y_ref, y_fast = ref(x), fast(x)
+    assert torch.isfinite(y_ref).all()
+    assert torch.isfinite(y_fast).all(), f"{(~torch.isfinite(y_fast)).sum()} non-finite outputs"
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-3 * y_ref.abs().max().item())
+
+
+def test_build_is_keyed_by_host_and_flags():
+    """-march=native builds for this CPU: the cache name carries the CPU and flags, so a cache
+    shared with another kind of machine is never loaded there; the flags keep finite math."""
+    assert "-fno-finite-math-only" in selective_scan.FLAGS
+    assert selective_scan.FLAGS.index("-fno-finite-math-only") > selective_scan.FLAGS.index("-ffast-math")
+    tag = selective_scan._host_tag()
+    assert len(tag) == 10 and tag == selective_scan._host_tag()
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("L", [1, 3, 17])
 def test_cpp_conv_silu_equals_conv1d(bias, L):

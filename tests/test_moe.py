@@ -46,7 +46,7 @@ def test_output_is_the_weighted_sum_of_the_chosen_experts():
 def test_capacity_drops_by_priority_on_a_hand_built_routing():
     """4 tokens, 2 experts, top-1, capacity factor 1 -> 2 slots per expert.
     Tokens 0, 1, 2 choose expert 0 and token 3 expert 1: token 2 (last in line) is dropped."""
-    m = moe(n_experts=2, top_k=1, capacity_factor=1.0).double()
+    m = moe(n_experts=2, top_k=1, capacity_factor=1.0, capacity_rule="batch").double()
     with torch.no_grad():
         m.router.weight.zero_()
         m.router.weight[0, 0], m.router.weight[1, 1] = 1.0, 1.0
@@ -63,12 +63,16 @@ def test_capacity_drops_by_priority_on_a_hand_built_routing():
     assert m.aux_metrics["moe_dropped_tokens"].item() == pytest.approx(0.25)
     block = zoo.build_model({"mixer": "softmax", "channel": "moe", "d_model": D, "n_layers": 1,
                              "mixer_args": {"n_heads": 2}, "channel_args": {"capacity_factor": 1.0, "hidden": 32}})
+    # the causal rule is the default: a causal model takes it; the batch rule only when asked
+    with pytest.raises(zoo.ZooConfigError, match=r"moe.*not strictly causal.*capacity_rule 'batch'.*allow_causal_leak"):
+        zoo.build_model({"mixer": "softmax", "channel": "moe", "d_model": D, "n_layers": 1, "mixer_args": {"n_heads": 2},
+                         "channel_args": {"capacity_factor": 1.0, "hidden": 32, "capacity_rule": "batch"}})
     assert block(torch.randint(0, 256, (2, 9))).shape == (2, 9, 256)
 
 
 def test_second_choices_yield_to_first_choices():
     """top-2, capacity 1 per expert: every token's first choice is served before any second."""
-    m = moe(n_experts=2, top_k=2, capacity_factor=0.5).double()  # ceil(0.5*2*2/2) = 1 slot
+    m = moe(n_experts=2, top_k=2, capacity_factor=0.5, capacity_rule="batch").double()  # ceil(0.5*2*2/2) = 1 slot
     with torch.no_grad():
         m.router.weight.zero_()
         m.router.weight[0, 0], m.router.weight[1, 1] = 1.0, 1.0
@@ -78,6 +82,69 @@ def test_second_choices_yield_to_first_choices():
     w, _ = m.route(m.router(x))
     torch.testing.assert_close(y[0], w[0, 0] * m._expert(0, x[:1])[0])
     torch.testing.assert_close(y[1], w[1, 0] * m._expert(1, x[1:])[0])
+
+
+def test_causal_capacity_by_hand():
+    """Rule causal, top-1, 2 experts, capacity factor 1: position t may use ceil((t + 1) / 2)
+    slots of an expert. Positions 0, 1, 2, 3 all choose expert 0: ranks 0, 1, 2, 3 against
+    capacities 1, 1, 2, 2, so 0 is kept, 1 and 2 and 3 are dropped; a fifth (capacity 3, rank 4)
+    is dropped too, and a sequence of its own is unaffected by the first."""
+    m = moe(n_experts=2, top_k=1, capacity_factor=1.0).double()
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[0, 0], m.router.weight[1, 1] = 1.0, 1.0
+    x = torch.zeros(2, 5, D, dtype=torch.float64)
+    x[0, :, 0] = 5.0  # sequence 0: all expert 0
+    x[1, ::2, 0], x[1, 1::2, 1] = 5.0, 5.0  # sequence 1: alternating, never over capacity
+    y = m(x)
+    assert [bool(y[0, t].abs().max() > 0) for t in range(5)] == [True, False, False, False, False]
+    assert all(y[1, t].abs().max() > 0 for t in range(5))
+
+
+@pytest.mark.parametrize("rule_ok", [("causal", True), ("batch", False)])
+def test_capacity_rule_causality_batch_rows_and_decoding(rule_ok):
+    """Rule causal: later positions never change earlier outputs, batch rows do not interact,
+    and decoding equals the forward. Rule batch (Switch): later tokens evict earlier ones."""
+    rule, causal = rule_ok
+    m = moe(n_experts=4, top_k=2, capacity_factor=1.0, capacity_rule=rule).double()
+    x = torch.randn(3, 24, D, dtype=torch.float64)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 12:] = 3 * torch.randn_like(x2[:, 12:])
+    past = (m(x2)[:, :12] - y[:, :12]).abs().max().item()
+    rows = (m(x[:1]) - y[:1]).abs().max().item()
+    if causal:  # grouped GEMMs of other sizes round differently: equal to fp64 precision
+        assert past < 1e-12 and rows < 1e-12, (past, rows)
+        assert m.causal_leak is None
+        ys, _ = zoo.decode(m, x)
+        torch.testing.assert_close(ys, y, rtol=1e-12, atol=1e-12)
+        assert m.aux_metrics["moe_dropped_assignments"] >= 0
+    else:
+        assert past > 1e-3 and rows > 1e-3, (past, rows)
+        assert "evict" in m.causal_leak
+        with pytest.raises(zoo.ZooConfigError, match="cannot decode"):
+            m.step(x[:, 0], m.init_state(3))
+
+
+def test_model_decodes_with_a_causal_capacity_moe():
+    model = zoo.build_model({"mixer": "softmax", "channel": "moe", "d_model": D, "n_layers": 2,
+                             "mixer_args": {"n_heads": 2},
+                             "channel_args": {"capacity_factor": 0.5, "hidden": 32, "n_experts": 4}}).double().eval()
+    tokens = torch.randint(0, 256, (2, 20))
+    full = model(tokens)
+    state = model.init_state(2)
+    outs = []
+    for t in range(20):
+        out, state = model.step(tokens[:, t], state)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_moe_errors():
+    with pytest.raises(zoo.ZooConfigError, match=r"unknown capacity_rule of moe 'causl'.*did you mean 'causal'"):
+        moe(capacity_rule="causl")
+    with pytest.raises(zoo.ZooConfigError, match=r"moe needs d_model >= 1, n_experts >= 1 and hidden >= 0.*hidden=-1"):
+        moe(hidden=-1)
 
 
 def test_balance_loss_minimum_maximum_and_gradient():

@@ -7,7 +7,7 @@
 """
 
 from zoo.config import Config, ModelConfig, dump_config, load_config
-from zoo.contract import state_nbytes
+from zoo.contract import decode, state_nbytes
 from zoo.errors import ZooConfigError
 from zoo.model import ZooModel, build_model
 from zoo.registry import Registry, build_mixer, default_registry
@@ -19,6 +19,7 @@ __all__ = [
     "ZooConfigError",
     "ZooModel",
     "build_mixer",
+    "decode",
     "build_model",
     "default_registry",
     "dump_config",

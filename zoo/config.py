@@ -37,6 +37,8 @@ class ModelConfig:
     channel: Union[str, list[str]] = "mlp"  # noqa: UP007
     channel_args: dict[str, Any] = field(default_factory=dict)
     causal: bool = True
+    # take mixers whose causal mode leaks later inputs' values (lsh; moe with capacity_rule batch)
+    allow_causal_leak: bool = False
     position: str = "none"  # none | sinusoidal | learned | rope | alibi
     max_len: int = 2048  # bounds sinusoidal/learned tables only
     norm: str = "layernorm"  # layernorm | rmsnorm

@@ -6,6 +6,15 @@ state)`` with ``x_t`` of shape ``(B, d_model)``. One with several implementation
 in ``BACKENDS`` (name -> :class:`Backend`) and its preference for ``backend="auto"`` in
 ``AUTO_ORDER``; :meth:`SequenceMixer.backend_for` picks per device, once per device type.
 
+Causality is on values: with ``causal=True`` changing inputs after t leaves outputs up to t
+bit-identical. A mixer that is causal only in its mask (as published) says why in
+``causal_leak`` and ``strictly_causal: false`` in the registry.
+
+Decode states follow one rule: ``step`` never changes what its input state means, so a state
+may be stepped twice (beam search, speculative decoding, a retry) and both branches are right.
+Mixers that append in place (a KV cache, a ring buffer) do so copy-on-write: a state whose
+buffers another branch has already written past is copied first (``claim_buffers``).
+
 Auxiliary losses: a module that has one sets ``self.aux_losses = {"name": scalar}`` during its
 forward; the model gathers and sums them by name (see ``zoo.model.Backbone``). No global state,
 so it works unchanged under DDP.
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zoo.errors import ZooConfigError, unknown
+from zoo.errors import ZooConfigError, at_least, unknown
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class SequenceMixer(nn.Module):
 
     def __init__(self, d_model: int, *, causal: bool, backend: str = "auto"):
         super().__init__()
+        at_least(type(self).__name__, 1, d_model=d_model)
         if backend != "auto" and backend not in self.BACKENDS:
             raise unknown(f"backend of {type(self).__name__}", backend, [*self.BACKENDS, "auto"])
         if backend != "auto" and not self.BACKENDS[backend].installed():
@@ -86,8 +96,45 @@ class SequenceMixer(nn.Module):
             )
         return self._auto[dev]
 
+    @property
+    def causal_leak(self) -> str | None:
+        """Why this causal mixer's outputs still depend on later inputs' values, or None when
+        they do not (the contract's default). A model refuses a leaky mixer for a causal task
+        unless its config sets ``allow_causal_leak: true``."""
+        return None
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, causal={self.causal}, backend={self.backend!r}"
+
+
+def claim_buffers(state: dict, names: tuple[str, ...]) -> dict:
+    """Copy-on-write for decode states that append into preallocated buffers in place.
+
+    ``state["length"]`` is the number of positions the state holds; ``state["written"]`` is a
+    one-element list shared by every state that shares the buffers, holding how far they have
+    been written. Writing at ``length`` in place is safe when nobody wrote past it (the linear
+    decode path, O(1)); otherwise another branch owns the slots from ``length`` on, so the
+    buffers are copied first (once per fork, O(buffer)). Returns the state to write into, with
+    ``written`` already advanced to ``length + 1``."""
+    n = state["length"]
+    if state["written"][0] != n:
+        state = {**state, **{k: state[k].clone() for k in names}, "written": [n]}
+    state["written"][0] = n + 1
+    return state
+
+
+def decode(mixer: nn.Module, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
+    """Step ``mixer`` through ``x`` (B, T, d) one position at a time, from ``state`` (a fresh
+    ``init_state`` when None): returns the outputs (B, T, d) and the state after the last step.
+    The contract: this equals ``mixer(x)`` (for a fresh state), and ``state`` itself stays valid,
+    so decoding from it again, or from any earlier state, gives the same result."""
+    if state is None:
+        state = mixer.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = mixer.step(x[:, t], state)
+        ys.append(y)
+    return (torch.stack(ys, 1) if ys else x.new_zeros(x.shape)), state
 
 
 def state_nbytes(state: object) -> int:

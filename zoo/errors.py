@@ -19,3 +19,11 @@ def unknown(what: str, name: object, allowed: Iterable[str], where: str = "") ->
     return ZooConfigError(
         f"unknown {what} {name!r}{at}{hint}. Allowed: {', '.join(allowed) or '(none)'}"
     )
+
+
+def at_least(what: str, minimum: int, **values: object) -> None:
+    """Raise a ZooConfigError naming every value of ``values`` below ``minimum`` (or not an int)."""
+    bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < minimum}
+    if bad:
+        got = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        raise ZooConfigError(f"{what} needs {' and '.join(values)} to be integers >= {minimum}; got {got}")

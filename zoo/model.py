@@ -37,25 +37,40 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
         return self._channel(self._mix(x, self.mixer))
 
-    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:  # (B, d)
+
+    def init_state(self, batch: int) -> dict[str, Any]:
+        """The block's decode state: its sequence mixer's, and its channel mixer's when that has
+        one (MoE with a causal capacity counts each expert's choices); else None."""
+        channel = self.channel.init_state(batch) if hasattr(self.channel, "step") else None
+        return {"mixer": self.mixer.init_state(batch), "channel": channel}
+
+    def step(self, x_t: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:  # (B, d)
         out: dict[str, Any] = {}
 
         def mix(h: torch.Tensor) -> torch.Tensor:
-            y, out["s"] = self.mixer.step(h, state)
+            y, out["mixer"] = self.mixer.step(h, state["mixer"])
             return y
 
+        def channel(h: torch.Tensor) -> torch.Tensor:  # (B, 1, d)
+            if state["channel"] is None:
+                out["channel"] = None
+                return self.channel(h)
+            y, out["channel"] = self.channel.step(h[:, 0], state["channel"])
+            return y[:, None]
+
         x_t = self._mix(x_t, mix)
-        return self._channel(x_t[:, None])[:, 0], out["s"]
+        return self._channel(x_t[:, None], channel)[:, 0], out
 
     def _mix(self, x: torch.Tensor, mixer) -> torch.Tensor:
         if self.pre:
             return x + self.drop(mixer(self.norm1(x)))
         return self.norm1(x + self.drop(mixer(x)))
 
-    def _channel(self, x: torch.Tensor) -> torch.Tensor:
+    def _channel(self, x: torch.Tensor, channel=None) -> torch.Tensor:
+        channel = channel or self.channel
         if self.pre:
-            return x + self.drop(self.channel(self.norm2(x)))
-        return self.norm2(x + self.drop(self.channel(x)))
+            return x + self.drop(channel(self.norm2(x)))
+        return self.norm2(x + self.drop(channel(x)))
 
 
 def mixer_kwargs(registry: Registry, pattern: list[str], args: dict[str, Any], what: str):
@@ -116,6 +131,16 @@ class ZooModel(nn.Module):
             )
             for m, c in zip(cfg.mixers, cfg.channels, strict=True)
         )
+        if cfg.causal and not cfg.allow_causal_leak:
+            for i, block in enumerate(self.blocks):
+                parts = (("mixer", cfg.mixers[i], block.mixer), ("channel", cfg.channels[i], block.channel))
+                for slot, name, part in parts:
+                    why = getattr(part, "causal_leak", None)
+                    if why:
+                        raise ZooConfigError(
+                            f"model.{slot} {name!r} (layer {i}) is not strictly causal: {why}. A causal model "
+                            "refuses it; set model.allow_causal_leak: true to use it anyway"
+                        )
         self.norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_position == "pre" else nn.Identity()
         if cfg.head == "lm":
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -173,7 +198,7 @@ class ZooModel(nn.Module):
         missing = [type(b.mixer).__name__ for b in self.blocks if not hasattr(b.mixer, "step")]
         if missing:
             raise ZooConfigError(f"cannot decode: {', '.join(sorted(set(missing)))} has no step()")
-        return [{"pos": 0}] + [b.mixer.init_state(batch) for b in self.blocks]
+        return [{"pos": 0}] + [b.init_state(batch) for b in self.blocks]
 
     def step(self, token_t: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         """One token per sequence, (B,) -> next-token logits (B, vocab); equals ``forward``."""

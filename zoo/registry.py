@@ -33,7 +33,7 @@ _KIND_WORD = {SEQUENCE: "sequence mixer", CHANNEL: "channel mixer", POSITIONS: "
 _COMMON = {"description", "paper", "notes", "replace"}
 _KEYS = {
     SEQUENCE: _COMMON
-    | {"class", "defaults", "tiny", "causal", "bidirectional", "decode", "positions",
+    | {"class", "defaults", "tiny", "causal", "strictly_causal", "bidirectional", "decode", "positions",
        "backends", "complexity"},
     CHANNEL: _COMMON | {"class", "defaults", "tiny", "backends", "complexity"},
     POSITIONS: _COMMON | {"where"},
@@ -57,6 +57,9 @@ class Entry:
     defaults: dict[str, Any] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
     causal: bool = True
+    # causal mode masks the future AND no output depends on a later input's value. False for a
+    # method that is causal only in its mask as published (LSH: later tokens move the chunks).
+    strictly_causal: bool = True
     bidirectional: bool = True
     decode: bool = False
     positions: tuple[str, ...] = ("none", "sinusoidal", "learned")
@@ -211,7 +214,7 @@ class Registry:
                 if not isinstance(fields[key], list):
                     raise ZooConfigError(f"{where}: {key!r} must be a list, got {fields[key]!r}")
                 fields[key] = tuple(fields[key])
-        for key in ("causal", "bidirectional", "decode"):
+        for key in ("causal", "strictly_causal", "bidirectional", "decode"):
             if key in fields and not isinstance(fields[key], bool):
                 raise ZooConfigError(f"{where}: {key!r} must be true or false, got {fields[key]!r}")
         for key in ("defaults", "tiny", "complexity"):

@@ -145,9 +145,13 @@ def cases(suite: Suite) -> list[dict]:
         reg = default_registry()
         for task, args in q.tasks.items():
             causal = reg.build_task(task, **(args or {})).causal
+            leak_ok = bool((q.model or {}).get("allow_causal_leak", False))
 
-            def fits(e, causal=causal):
-                return e.kind == SEQUENCE and (e.causal if causal else e.bidirectional)
+            def fits(e, causal=causal, leak_ok=leak_ok):
+                # "all" on a causal task: the mixers that are causal on values (lsh, causal in
+                # its mask only, joins when the suite's model sets allow_causal_leak)
+                ok = (e.causal and (e.strictly_causal or leak_ok)) if causal else e.bidirectional
+                return e.kind == SEQUENCE and ok
 
             for mixer in _mixers(q.mixers, fits):
                 out.append({"kind": "quality", "mixer": mixer, "task": task, "task_args": args or {},
@@ -181,3 +185,10 @@ def _check_model(suite: str, case: dict) -> None:
     where = f"suite {suite!r}: {case['kind']}.model"
     cfg = from_dict(ModelConfig, {**case["model"], "mixer": case["mixer"]}, where)
     mixer_kwargs(default_registry(), cfg.mixers, cfg.mixer_args, f"{where}.mixer_args")
+    task = default_registry().build_task(case["task"], **case["task_args"])
+    for name in cfg.mixers:
+        e = default_registry().mixer(name)
+        if task.causal and e.causal and not e.strictly_causal and not cfg.allow_causal_leak:
+            raise ZooConfigError(
+                f"{where}: mixer {name!r} is causal in its mask only ({e.notes or 'not strictly causal'}); task "
+                f"{case['task']!r} is causal. Drop it or set {case['kind']}.model.allow_causal_leak: true")

@@ -6,12 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import at_least
+
 
 class MLP(nn.Module):
     """Linear -> GELU -> Linear; ``hidden`` defaults to 4 * d_model."""
 
     def __init__(self, d_model: int, *, hidden: int | None = None, bias: bool = True):
         super().__init__()
+        at_least("mlp", 1, d_model=d_model)
+        at_least("mlp", 0, hidden=hidden or 0)  # 0 or None: the default
         hidden = hidden or 4 * d_model
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
@@ -26,6 +30,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, *, hidden: int | None = None, bias: bool = False):
         super().__init__()
+        at_least("swiglu", 1, d_model=d_model)
+        at_least("swiglu", 0, hidden=hidden or 0)  # 0 or None: the default
         hidden = hidden or -(-8 * d_model // 3 // 8) * 8
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)

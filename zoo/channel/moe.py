@@ -7,11 +7,21 @@ al. 2021, Switch Transformer; Zoph et al. 2022, ST-MoE).
   ``w_out`` (E, d, h), the layout of Hugging Face's ``MixtralExperts`` (gate rows, then up rows).
 - ``renormalize``: the k weights are divided by their sum (Mixtral); otherwise they are the raw
   router probabilities (Switch).
-- ``capacity_factor`` c > 0: each expert takes at most ceil(c * k * N / E) of the N tokens'
-  assignments; assignments are served in priority order (every token's first choice before any
-  second choice, then by position), the rest are dropped. A dropped assignment contributes
-  nothing, so a token whose every assignment is dropped passes through the block's residual
-  unchanged. ``capacity_factor = 0`` is dropless.
+- ``capacity_factor`` c > 0 limits what each expert serves; ``capacity_factor = 0`` is dropless.
+  A dropped assignment contributes nothing, so a token whose every assignment is dropped passes
+  through the block's residual unchanged. Two rules (``capacity_rule``):
+    causal  (default) per sequence, in position order, with a running capacity: the assignment
+            of position t to expert e is kept when fewer than ceil(c * k * (t + 1) / E) earlier
+            positions of the same sequence chose e. Each position depends only on itself and
+            the positions before it in its own sequence, so it is causal on values, batch rows
+            do not interact, a prefix gets what the full forward gives it, and decoding (a
+            count per expert as state) equals the forward. Input (..., T, d): the last-but-one
+            dimension is the sequence (a 2-d input is one sequence).
+    batch   Switch Transformer's: each expert takes at most ceil(c * k * N / E) of the N tokens'
+            assignments in the whole batch, every first choice before any second choice, then
+            by position. A later token can evict an earlier one's assignment and batch rows
+            interact, so it is not causal (``causal_leak``): a causal model takes it only with
+            ``allow_causal_leak``.
 - Auxiliary losses (``self.aux_losses``, added to the training loss by the harness):
   ``moe_balance`` = balance_weight * E * sum_i f_i P_i, with f_i the fraction of the N tokens'
   assignments that chose expert i (before dropping; sums to k) and P_i the mean router
@@ -34,6 +44,7 @@ from torch import nn
 from zoo.errors import ZooConfigError, unknown
 
 EXPERTS = ("swiglu", "mlp")
+CAPACITY_RULES = ("causal", "batch")
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -61,10 +72,15 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     def __init__(self, d_model: int, *, n_experts: int = 8, top_k: int = 2, hidden: int = 0,
                  expert: str = "swiglu", renormalize: bool = True, capacity_factor: float = 0.0,
-                 balance_weight: float = 0.01, z_weight: float = 0.001):
+                 capacity_rule: str = "causal", balance_weight: float = 0.01, z_weight: float = 0.001):
         super().__init__()
         if expert not in EXPERTS:
             raise unknown("expert kind of moe", expert, EXPERTS)
+        if capacity_rule not in CAPACITY_RULES:
+            raise unknown("capacity_rule of moe", capacity_rule, CAPACITY_RULES)
+        if n_experts < 1 or hidden < 0 or d_model < 1:
+            raise ZooConfigError(f"moe needs d_model >= 1, n_experts >= 1 and hidden >= 0 (0: 4 d_model); got "
+                                 f"d_model={d_model}, n_experts={n_experts}, hidden={hidden}")
         if not 1 <= top_k <= n_experts:
             raise ZooConfigError(
                 f"moe needs 1 <= top_k <= n_experts, got top_k={top_k}, n_experts={n_experts}"
@@ -73,7 +89,7 @@ class MoE(nn.Module):
             raise ZooConfigError("moe capacity_factor, balance_weight and z_weight must be >= 0")
         hidden = hidden or 4 * d_model
         self.n_experts, self.top_k, self.hidden, self.expert = n_experts, top_k, hidden, expert
-        self.renormalize, self.capacity_factor = renormalize, capacity_factor
+        self.renormalize, self.capacity_factor, self.capacity_rule = renormalize, capacity_factor, capacity_rule
         self.balance_weight, self.z_weight = balance_weight, z_weight
         self.router = nn.Linear(d_model, n_experts, bias=False)
         rows = 2 * hidden if expert == "swiglu" else hidden
@@ -87,7 +103,17 @@ class MoE(nn.Module):
         self.tokens_per_expert = torch.zeros(n_experts, dtype=torch.long)
 
     def capacity(self, n_tokens: int) -> int:
+        """Assignments an expert may serve among ``n_tokens`` tokens (of the batch for rule
+        ``batch``; of a sequence's first ``n_tokens`` positions for rule ``causal``)."""
         return math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts)
+
+    @property
+    def causal_leak(self) -> str | None:
+        if self.capacity_factor > 0 and self.capacity_rule == "batch":
+            return ("capacity_rule 'batch' fills each expert's capacity over the whole batch, first choices "
+                    "before second choices, so a later token can evict an earlier token's assignment and "
+                    "batch rows interact; capacity_rule 'causal' fills it in position order per sequence")
+        return None
 
     def route(self, logits: torch.Tensor):
         """Router logits (N, E) -> weights (N, k), experts (N, k)."""
@@ -98,25 +124,44 @@ class MoE(nn.Module):
         return w, e
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        return self._forward(x)[0]
+
+    def _forward(self, x: torch.Tensor, chosen: torch.Tensor | None = None, start: int = 0):
+        """The forward; for rule ``causal`` also from a decode state: ``chosen`` (B, E) counts
+        how often each expert was chosen at the ``start`` positions before ``x``. Returns the
+        output and the counts after ``x`` (or None)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         N, E, k = x2.shape[0], self.n_experts, self.top_k
+        if N == 0:
+            self._account(x2.new_zeros(0, E), torch.zeros(E, dtype=torch.long, device=x.device),
+                          torch.zeros(E, dtype=torch.long, device=x.device), x2.new_zeros(0, dtype=torch.long), 0)
+            return x * self.router.weight.sum() * 0, chosen
         logits = self.router(x2)  # (N, E)
         w, e = self.route(logits)
+        keep, after = None, None
+        if self.capacity_factor > 0 and self.capacity_rule == "causal":
+            keep, after = self._causal_keep(e, shape, chosen, start)
         # Assignments in priority order (slot-major: all first choices, then second, ...),
         # then grouped by expert with a stable sort, so each group keeps that priority.
         flat_e = e.t().reshape(-1)  # (k*N,)
-        order = flat_e.argsort(stable=True)
-        tokens = (order % N)  # token of each sorted assignment
         counts = torch.bincount(flat_e, minlength=E)
+        if keep is not None:  # drop first, then group what is kept
+            kept_flat = keep.t().reshape(-1)
+            idx = kept_flat.nonzero().squeeze(1)
+            order = idx[flat_e[idx].argsort(stable=True)]
+            kept = torch.bincount(flat_e[idx], minlength=E)
+        else:
+            order = flat_e.argsort(stable=True)
+            kept = counts
+        tokens = order % N  # token of each sorted assignment
         weights = w.t().reshape(-1)[order].to(x.dtype)
-        kept = counts
-        if self.capacity_factor > 0:
+        if self.capacity_factor > 0 and self.capacity_rule == "batch":
             cap = self.capacity(N)
-            start = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(k * N, device=x.device) - start.repeat_interleave(counts)
-            keep = rank < cap
-            tokens, weights = tokens[keep], weights[keep]
+            start_of = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(k * N, device=x.device) - start_of.repeat_interleave(counts)
+            keep_b = rank < cap
+            tokens, weights = tokens[keep_b], weights[keep_b]
             kept = counts.clamp(max=cap)
         xs = x2.index_select(0, tokens)  # (M, d), grouped by expert
         outs = []
@@ -126,7 +171,39 @@ class MoE(nn.Module):
         ys = torch.cat(outs) * weights[:, None] if outs else xs[:0]
         y = torch.zeros_like(x2).index_add_(0, tokens, ys)
         self._account(logits, counts, kept, tokens, N)
-        return y.view(shape)
+        return y.view(shape), after
+
+    def _causal_keep(self, e: torch.Tensor, shape, chosen, start: int):
+        """Rule ``causal``: keep (N, k) bool and the per-sequence counts after these positions."""
+        T = shape[-2] if len(shape) >= 3 else shape[0]
+        S = e.shape[0] // T  # sequences
+        E, k = self.n_experts, self.top_k
+        e3 = e.view(S, T, k)
+        onehot = torch.zeros(S, T, E, dtype=torch.long, device=e.device).scatter_(-1, e3, 1)  # top-k: distinct
+        before = onehot.cumsum(1) - onehot  # (S, T, E): choices at earlier positions of the sequence
+        if chosen is not None:
+            before = before + chosen[:, None, :]
+        rank = before.gather(-1, e3)  # (S, T, k)
+        pos = start + torch.arange(T, device=e.device)
+        cap = torch.ceil(self.capacity_factor * k * (pos + 1) / E).long()  # running capacity (T,)
+        keep = (rank < cap[None, :, None]).view(-1, k)
+        after = before[:, -1] + onehot[:, -1] if T else chosen
+        return keep, after
+
+    # -- decoding: rule ``causal`` counts each expert's choices so far ----------------------------
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        device = device or self.router.weight.device
+        return {"chosen": torch.zeros(batch, self.n_experts, dtype=torch.long, device=device), "length": 0}
+
+    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """x_t (B, d) -> (B, d); equals the forward's position ``state['length']``."""
+        if self.capacity_factor > 0 and self.capacity_rule == "batch":
+            raise ZooConfigError("moe with capacity_rule 'batch' cannot decode: its capacity is shared by the "
+                                 "whole batch; use capacity_rule 'causal' (or capacity_factor 0)")
+        y, chosen = self._forward(x_t[:, None], state["chosen"], state["length"])
+        if chosen is None:  # dropless: nothing to count
+            chosen = state["chosen"]
+        return y[:, 0], {"chosen": chosen, "length": state["length"] + 1}
 
     def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.w_in[i])
@@ -160,4 +237,4 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}, "
                 f"expert={self.expert!r}, renormalize={self.renormalize}, "
-                f"capacity_factor={self.capacity_factor}")
+                f"capacity_factor={self.capacity_factor}, capacity_rule={self.capacity_rule!r}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from zoo.contract import REFERENCE, TORCH
-from zoo.errors import unknown
+from zoo.errors import at_least, unknown
 from zoo.nn.attention import AttentionMixer
 
 FEATURE_MAPS = {
@@ -51,7 +51,11 @@ class CausalChunked(torch.autograd.Function):
         v1 = torch.cat((v, v.new_ones(v.shape[:-1] + (1,))), -1)
         qc, kc, vc = q.reshape(N, c, d), k.reshape(N, c, d), v1.view(N, c, -1)
         kv = torch.bmm(kc.transpose(1, 2), vc).view(B * H, n, d, -1)  # each chunk's summary
-        S = kv.cumsum(1).sub_(kv).view(N, d, -1)  # exclusive prefix sum: the earlier chunks
+        # Exclusive prefix sum: the earlier chunks only. Summed without the current chunk, never
+        # as (inclusive sum - current chunk), which would let later positions leak in by rounding.
+        S = torch.zeros_like(kv)
+        torch.cumsum(kv[:, :-1], 1, out=S[:, 1:])
+        S = S.view(N, d, -1)
         A = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # causal inside the chunk
         out = torch.baddbmm(torch.bmm(qc, S), A, vc)
         den = out[..., -1:].add_(eps)
@@ -70,7 +74,9 @@ class CausalChunked(torch.autograd.Function):
         gout = torch.cat((gnum, -(gnum * y).sum(-1, keepdim=True)), -1)  # d loss / d out
         gA = torch.bmm(gout, vc.transpose(1, 2)).tril_()
         gS = torch.bmm(qc.transpose(1, 2), gout).view(B * H, n, d, -1)
-        gkv = (gS.sum(1, keepdim=True) - gS.cumsum(1)).view(N, d, -1)  # reverse exclusive prefix sum
+        gkv = torch.zeros_like(gS)  # reverse exclusive prefix sum: the later chunks only
+        gkv[:, :-1] = gS[:, 1:].flip(1).cumsum(1).flip(1)
+        gkv = gkv.view(N, d, -1)
         gq = torch.baddbmm(torch.bmm(gout, S.transpose(1, 2)), gA, kc)
         gk = torch.baddbmm(torch.bmm(vc, gkv.transpose(1, 2)), gA.transpose(1, 2), qc)
         gv = torch.baddbmm(torch.bmm(kc, gkv[..., :-1]), A.transpose(1, 2), gnum)
@@ -86,6 +92,7 @@ class LinearAttention(AttentionMixer):
     def __init__(self, d_model: int, *, causal: bool, feature_map: str = "elu", chunk: int = 64,
                  eps: float = 1e-6, **attention):
         super().__init__(d_model, causal=causal, **attention)
+        at_least("linear attention", 1, chunk=chunk)
         if feature_map not in FEATURE_MAPS:
             raise unknown("feature_map of linear attention", feature_map, FEATURE_MAPS)
         self.feature_map, self.phi = feature_map, FEATURE_MAPS[feature_map]

@@ -6,8 +6,10 @@ argmax([xR, -xR])), sorts positions by (bucket, position), cuts the sorted order
 ``bucket_size``, and lets each chunk attend to itself and the chunk before it (the first chunk
 wraps to the last). A position does not attend to itself unless nothing else is available (its
 own score is set to -5e4, as in the reference implementation); causal masking uses the original
-positions. The rounds are combined with weights softmax(log-sum-exp of each round's scores), i.e.
-one softmax over the union of the rounds' keys (a key found by several rounds counts once per
+positions. Causal mode is causal in the mask only, as published: which earlier keys share a
+query's chunk depends on how many later positions sort before it, so outputs depend on later
+inputs' values (``causal_leak``; ``strictly_causal: false`` in the registry). The rounds are
+combined with weights softmax(log-sum-exp of each round's scores), i.e. one softmax over the union of the rounds' keys (a key found by several rounds counts once per
 round, as in reformer-pytorch's default).
 
 Hashing is seedable: the rotations come from a generator seeded with ``seed`` and depend only
@@ -51,6 +53,14 @@ class LSHAttention(AttentionMixer):
         # Shared query/key projection: qkv produces (qk, v) only.
         self.qkv = nn.Linear(d_model, 2 * self.n_heads * self.head_dim, bias=self.qkv.bias is not None)
         self._rotations: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def causal_leak(self) -> str | None:
+        if not self.causal:
+            return None
+        return ("LSH sorts every position by bucket and cuts the sorted order into chunks, so later "
+                "tokens move the chunk boundaries and decide which earlier keys a position sees (the "
+                "causal mask hides later keys, not their effect on the chunks)")
 
     def project(self, x, start=0):
         B, T, _ = x.shape

@@ -102,13 +102,15 @@ class Mamba(SequenceMixer):
     def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, L, d_model)
         backend = self.backend_for(u.device)
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, d_inner)
+        if x.shape[0] == 0 or x.shape[1] == 0:  # empty: nothing to scan
+            return self.out_proj(x)
         x = selective_scan.conv_silu(backend, x, self.conv1d)
         delta, Bm, Cm = self.ssm_inputs(x)
-        A = -torch.exp(self.A_log.to(x.dtype))  # (d_inner, N)
-        y = selective_scan.scan(
-            backend, x, delta, A, Bm, Cm, self.D.to(x.dtype), z,
-            self.dt_proj.bias.to(x.dtype), chunk=self.chunk,
-        )
+        if backend == "mamba_ssm":  # the kernel takes A, D and the dt bias in fp32, as upstream
+            A, D, bias = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
+        else:
+            A, D, bias = -torch.exp(self.A_log.to(x.dtype)), self.D.to(x.dtype), self.dt_proj.bias.to(x.dtype)
+        y = selective_scan.scan(backend, x, delta, A, Bm, Cm, D, z, bias, chunk=self.chunk)
         return self.out_proj(y)
 
     # -- decoding ----------------------------------------------------------------------------

@@ -81,15 +81,36 @@ def chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
 
 
 # -- the C++ kernel ------------------------------------------------------------------------------
+# -ffast-math without its finite-math part: the kernels compute silu and exp at arguments where
+# float32 overflows to inf on purpose (silu(-89) = -89 / (1 + inf) = -0), which -ffinite-math-only
+# lets the compiler turn into NaN. The rest of -ffast-math (reassociation, no errno) stays: it is
+# what vectorises the loops; tests compare the kernels with the reference at extreme inputs.
+FLAGS = ("-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-march=native")
+
+
+def _host_tag() -> str:
+    """A short tag of this CPU's model and instruction set: -march=native builds for the host, so
+    a build cache shared across machines must keep one build per CPU kind, never run another's."""
+    import hashlib
+    import platform
+
+    text = platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        text += "".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1((text + " ".join(FLAGS)).encode()).hexdigest()[:10]
+
+
 @functools.cache
 def _extension():
     from torch.utils import cpp_extension
 
     source = Path(__file__).with_name("selective_scan.cpp")
     # -fopenmp: at::parallel_for is header code that runs serially unless OpenMP is on.
-    flags = ["-O3", "-ffast-math", "-fopenmp", "-march=native"]
-    return cpp_extension.load(name="zoo_selective_scan", sources=[str(source)], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], verbose=False)
+    return cpp_extension.load(name=f"zoo_selective_scan_{_host_tag()}", sources=[str(source)],
+                              extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.cache
@@ -155,10 +176,12 @@ def conv_silu(backend: str, x, conv: torch.nn.Conv1d):
 
 # -- mamba-ssm -------------------------------------------------------------------------------------
 def mamba_ssm_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias):
-    """mamba-ssm's fused CUDA kernel (imported here only: it cannot import on a CPU-only machine)."""
+    """mamba-ssm's fused CUDA kernel (imported here only: it cannot import on a CPU-only machine).
+    A, D_skip and delta_bias come in fp32 (the caller never rounds them to the activations'
+    dtype, as upstream computes -exp(A_log.float()))."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  (B, L, .) -> (B, ., L)
-    y = selective_scan_fn(t(u), t(delta_raw), A.float(), t(B), t(C), D_skip.float(), z=t(z),
-                          delta_bias=delta_bias.float(), delta_softplus=True)
+    y = selective_scan_fn(t(u), t(delta_raw), A, t(B), t(C), D_skip, z=t(z),
+                          delta_bias=delta_bias, delta_softplus=True)
     return y.transpose(1, 2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.contract import REFERENCE, TORCH, Backend
+from zoo.contract import REFERENCE, TORCH, Backend, claim_buffers
 from zoo.nn.attention import AttentionMixer
 
 
@@ -53,19 +53,23 @@ class SoftmaxAttention(AttentionMixer):
             "k": torch.empty(shape, device=device, dtype=dtype),
             "v": torch.empty(shape, device=device, dtype=dtype),
             "length": 0,
+            "written": [0],  # shared by the states that share k and v (zoo.contract.claim_buffers)
         }
 
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """x_t: (B, d) -> y_t: (B, d); appends this position's key and value to the cache."""
+        """x_t: (B, d) -> y_t: (B, d); appends this position's key and value to the cache, in
+        place unless another branch already wrote there (then it copies: copy-on-write)."""
         n = state["length"]
         q, k, v = self.project(x_t[:, None], start=n)  # (B, H, 1, hd)
-        K, V = state["k"], state["v"]
-        if n == K.shape[2]:  # full: double the capacity
-            K = torch.cat((K, torch.empty_like(K)), dim=2)
-            V = torch.cat((V, torch.empty_like(V)), dim=2)
+        if n == state["k"].shape[2]:  # full: double the capacity into new buffers of its own
+            K, V = (torch.cat((state[s], torch.empty_like(state[s])), dim=2) for s in ("k", "v"))
+            written = [n + 1]
+        else:
+            state = claim_buffers(state, ("k", "v"))
+            K, V, written = state["k"], state["v"], state["written"]
         K[:, :, n : n + 1], V[:, :, n : n + 1] = k, v
         y = self.attend(q, K[:, :, : n + 1], V[:, :, : n + 1])
-        return self.merge(y)[:, 0], {"k": K, "v": V, "length": n + 1}
+        return self.merge(y)[:, 0], {"k": K, "v": V, "length": n + 1, "written": written}
 
 
 def _xformers_attend(q, k, v, bias, causal: bool, p: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from zoo.contract import REFERENCE, TORCH
+from zoo.contract import REFERENCE, TORCH, claim_buffers
 from zoo.errors import ZooConfigError
 from zoo.nn.attention import AttentionMixer
 from zoo.nn.positions import alibi_bias
@@ -171,12 +171,15 @@ class WindowAttention(AttentionMixer):
         ring = (batch, self.n_heads, self.reach, self.head_dim)
         glob = (batch, self.n_heads, len(self.global_tokens), self.head_dim)
         return {"k": torch.zeros(ring, **kw), "v": torch.zeros(ring, **kw),
-                "gk": torch.zeros(glob, **kw), "gv": torch.zeros(glob, **kw), "length": 0}
+                "gk": torch.zeros(glob, **kw), "gv": torch.zeros(glob, **kw), "length": 0,
+                "written": [0]}  # shared by the states that share the buffers (claim_buffers)
 
     def step(self, x_t, state):
-        """x_t (B, d) -> y_t (B, d). Keys: a ring of the last ``reach`` positions (written in
-        place) and a buffer of the global positions seen so far."""
+        """x_t (B, d) -> y_t (B, d). Keys: a ring of the last ``reach`` positions and a buffer of
+        the global positions seen so far, written in place unless another branch already wrote
+        there (then copied first: copy-on-write)."""
         n = state["length"]
+        state = claim_buffers(state, ("k", "v", "gk", "gv"))
         q, k, v = self.project(x_t[:, None], start=n)  # (B, H, 1, hd)
         dev = q.device
         gpos = torch.tensor(self.global_tokens, dtype=torch.long, device=dev)

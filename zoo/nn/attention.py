@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from zoo.contract import SequenceMixer
-from zoo.errors import ZooConfigError
+from zoo.errors import ZooConfigError, at_least
 from zoo.nn.positions import Rotary, alibi_bias, alibi_slopes
 
 
@@ -53,6 +53,9 @@ class AttentionMixer(SequenceMixer):
         backend: str = "auto",
     ):
         super().__init__(d_model, causal=causal, backend=backend)
+        at_least(type(self).__name__, 1, n_heads=n_heads)
+        if head_dim is not None:
+            at_least(type(self).__name__, 1, head_dim=head_dim)
         if head_dim is None:
             if d_model % n_heads:
                 raise ZooConfigError(
@@ -89,7 +92,10 @@ class AttentionMixer(SequenceMixer):
         return self.out(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        return self.merge(self.attend(*self.project(x)))
+        q, k, v = self.project(x)
+        if x.shape[0] == 0 or x.shape[1] == 0:  # empty: nothing to attend, an empty output
+            return self.merge(v)
+        return self.merge(self.attend(q, k, v))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
