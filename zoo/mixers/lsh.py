@@ -9,8 +9,9 @@ own score is set to -5e4, as in the reference implementation); causal masking us
 positions. Causal mode is causal in the mask only, as published: which earlier keys share a
 query's chunk depends on how many later positions sort before it, so outputs depend on later
 inputs' values (``causal_leak``; ``strictly_causal: false`` in the registry). The rounds are
-combined with weights softmax(log-sum-exp of each round's scores), i.e. one softmax over the union of the rounds' keys (a key found by several rounds counts once per
-round, as in reformer-pytorch's default).
+combined with weights softmax(log-sum-exp of each round's scores), i.e. one softmax over the
+union of the rounds' keys (a key found by several rounds counts once per round, as in
+reformer-pytorch's default).
 
 Hashing is seedable: the rotations come from a generator seeded with ``seed`` and depend only
 on (seed, n_buckets, head_dim, n_hashes), so the same module hashes the same way every call.
