@@ -1,6 +1,7 @@
 """The Lightning harness end to end on the CPU: learning, resume, DDP, errors before training."""
 
 import csv
+import re
 import json
 import os
 import subprocess
@@ -50,22 +51,43 @@ def test_other_mixers_learn_above_chance(tmp_path, mixer, task):
     assert out["metrics"]["test/accuracy"] > 2 * chance, out
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    def losses(run_dir):
-        rows = csv.DictReader(open(Path(run_dir) / "metrics.csv"))
-        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+def _losses(run_dir):
+    rows = csv.DictReader(open(Path(run_dir) / "metrics.csv"))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
-    common = ["--train.max_steps", "120", "--train.val_every", "60", "--task.args.train_size", "1920"]
+
+@pytest.mark.parametrize("train_size", [1000, 0])
+def test_resume_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path, train_size):
+    """Interrupted at step 50 of 120: mid-pass over 1000 examples (31.25 batches a pass), and with
+    fresh data (train_size 0). The resumed losses equal the uninterrupted ones step for step."""
+    common = ["--train.max_steps", "120", "--train.val_every", "50", "--task.args.train_size", str(train_size)]
     whole = fit(config(tmp_path / "a", *common), log_every_n_steps=1)
-    # the same run, interrupted at step 60 (its schedule still spans 120 steps)
-    half = fit(config(tmp_path / "b", *common), log_every_n_steps=1, max_steps=60)
+    # the same run, interrupted at step 50 (its schedule still spans 120 steps)
+    half = fit(config(tmp_path / "b", *common), log_every_n_steps=1, max_steps=50)
     ckpt = Path(half["run_dir"]) / "checkpoints" / "last.ckpt"
     resumed = fit(config(tmp_path / "c", *common), resume=str(ckpt), log_every_n_steps=1)
-    a, c = losses(whole["run_dir"]), losses(resumed["run_dir"])
-    later = [s for s in a if s > 60]
-    assert later and all(s in c for s in later)
+    a, c = _losses(whole["run_dir"]), _losses(resumed["run_dir"])
+    later = [s for s in a if s > 50]
+    assert len(later) >= 60 and all(s in c for s in later)
     assert all(a[s] == pytest.approx(c[s], rel=1e-6, abs=1e-7) for s in later)
     assert whole["metrics"]["test/loss"] == pytest.approx(resumed["metrics"]["test/loss"], rel=1e-6)
+
+
+def test_training_batches_are_a_function_of_seed_step_and_rank():
+    task = zoo.default_registry().build_task("mqar", vocab=16, seq_len=16, n_pairs=1, train_size=0, test_size=16,
+                                             batch_size=8)
+    task.setup()
+    a, b = task.train_batch(5), task.train_batch(5)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], task.train_batch(6)[0])
+    r0, r1 = task.train_batch(5, rank=0, world=2), task.train_batch(5, rank=1, world=2)
+    assert not torch.equal(r0[0], r1[0])
+    finite = zoo.default_registry().build_task("mqar", vocab=16, seq_len=16, n_pairs=1, train_size=20, test_size=16,
+                                               batch_size=8)
+    finite.setup()
+    seen = torch.cat([finite.train_batch(s)[0] for s in range(5)])  # 40 rows: two passes over 20
+    pool = finite.data["train"].tensors[0]
+    for first_pass in (seen[:20], seen[20:]):  # each pass is a permutation of the 20 examples
+        assert sorted(map(tuple, first_pass.tolist())) == sorted(map(tuple, pool.tolist()))
 
 
 def test_ddp_two_cpu_processes_sync_metrics(tmp_path):
@@ -112,3 +134,60 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
     assert zoo_main(["fit", "--model.mixers", "softmax"]) == 2
     assert "unknown key 'mixers'" in capsys.readouterr().err
     assert zoo_main(["fit", "--config", str(tmp_path / "none.yaml")]) == 2
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_status(tmp_path, capsys):
+    args = ["fit", "--train.lr", "1000", "--train.grad_clip", "0", "--train.warmup_steps", "0",
+            "--train.max_steps", "200", "--train.val_every", "50", "--train.log_dir", str(tmp_path),
+            "--train.run_name", "boom", "--train.progress", "false", "--model.d_model", "32",
+            "--model.mixer_args", "{n_heads: 2}", "--task.args", "{vocab: 16, seq_len: 16, n_pairs: 1, test_size: 16}"]
+    assert zoo_main(args) == 3
+    err = capsys.readouterr().err
+    assert "training diverged: the loss is nan" in err or "training diverged: the loss is inf" in err, err
+    out = json.loads((tmp_path / "boom" / "metrics.json").read_text())
+    assert out["status"] == "diverged" and out["steps"] < 200
+
+
+def test_resume_from_the_checkpoint_alone_keeps_folder_config_and_history(tmp_path, capsys):
+    """`zoo fit --resume CKPT` with no --config: the checkpoint's config and run folder; the
+    earlier session's metrics stay in metrics.csv."""
+    args = ["fit", "--train.max_steps", "40", "--train.val_every", "20", "--train.log_dir", str(tmp_path),
+            "--train.run_name", "r", "--train.progress", "false", "--model.d_model", "32", "--model.n_layers", "1",
+            "--model.mixer", "linear", "--model.mixer_args", "{n_heads: 2}",
+            "--task.args", "{vocab: 16, seq_len: 16, n_pairs: 1, train_size: 0, test_size: 16}"]
+    assert zoo_main([*args[:2], "20", *args[3:]]) == 0  # stops at step 20
+    steps_before = {int(r["step"]) for r in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))}
+    ckpt = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    assert zoo_main(["fit", "--resume", str(ckpt), "--train.max_steps", "40"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["r"]  # no new folder
+    assert zoo.load_config(tmp_path / "r" / "config.yaml").model.mixer == "linear"
+    steps_after = {int(r["step"]) for r in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))}
+    assert steps_before < steps_after and max(steps_after) > max(steps_before)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 40
+    # a fresh run into the same name is refused, nothing is touched
+    capsys.readouterr()
+    assert zoo_main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 40
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--train.precision", "8-mixed"], r"Lightning refused the Trainer options.*precision='8-mixed'.*Precision '8-mixed' is invalid"),
+    (["--train.accelerator", "tpu"], r"Lightning refused the Trainer options.*accelerator='tpu'"),
+    (["--train.devices", "0"], r"Lightning refused the Trainer options.*devices=0"),
+    (["--train.strategy", "ddpx"], r"Lightning refused the Trainer options.*strategy='ddpx'"),
+    (["--train.threads", "-2"], r"train.threads must be >= 0"),
+    (["--train.weight_decay", "-0.1"], r"train.weight_decay must be >= 0"),
+    (["--train.max_steps", "1e3"], r"train.max_steps must be int, got 1000.0"),
+    (["--train.log_dir", "/proc/nope"], r"train.log_dir: cannot create the run folder"),
+    (["--resume", "/nonexistent.ckpt"], r"--resume: no checkpoint file at '/nonexistent.ckpt'"),
+    (["--task.args.train_size", "-1"], r"mqar needs seq_len >= 1, train_size >= 0"),
+])
+def test_bad_training_options_are_clear_errors(tmp_path, capsys, overrides, message):
+    args = ["fit", "--train.max_steps", "2", "--train.progress", "false", "--train.log_dir", str(tmp_path / "runs"),
+            "--task.args", "{vocab: 16, seq_len: 16, n_pairs: 1, test_size: 16}", *overrides]
+    assert zoo_main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from zoo.errors import ZooConfigError
+from zoo.errors import ZooConfigError, ZooDiverged
 from zoo.registry import CHANNEL, ENV_VAR, POSITIONS, SEQUENCE, TASKS, Registry, default_registry
 
 
@@ -57,9 +57,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from zoo.config import Config, apply_overrides, dump_config, from_dict
-    from zoo.train import fit, resolve
+    from zoo.train import checkpoint_config, fit, resolve
 
     data: dict = {}
+    if args.resume and not args.config:  # the checkpoint's own config and run folder
+        data = checkpoint_config(args.resume)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except ZooConfigError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return 2
+    except ZooDiverged as e:
+        print(f"zoo: {e}", file=sys.stderr)
+        return 3
     finally:
         if before is None:
             os.environ.pop(ENV_VAR, None)

@@ -112,6 +112,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # validations without improvement of val/loss; 0: off
     log_dir: str = "runs"
     run_name: str = ""  # default: <task>-<mixers>-<time>
+    overwrite: bool = False  # replace an earlier run of the same name (else refused)
     threads: int = 0  # torch.set_num_threads; 0: leave as is
     progress: bool = True
 
@@ -120,7 +121,14 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ZooConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ZooConfigError("train needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+            raise ZooConfigError("train needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got "
+                                 f"lr={self.lr}, warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}")
+        for key in ("weight_decay", "grad_clip", "threads", "early_stop_patience"):
+            if getattr(self, key) < 0:
+                raise ZooConfigError(f"train.{key} must be >= 0 (0: {'off' if key != 'threads' else 'leave as is'}), "
+                                     f"got {getattr(self, key)}")
+        if self.num_nodes < 1:
+            raise ZooConfigError(f"train.num_nodes must be >= 1, got {self.num_nodes}")
 
 
 @dataclass

@@ -10,6 +10,16 @@ class ZooConfigError(ValueError):
     """A bad config, name, value or file. The message names what is wrong and what is allowed."""
 
 
+class ZooDiverged(RuntimeError):
+    """Training stopped because the loss became non-finite (NaN or inf)."""
+
+    def __init__(self, step: int, loss: float, run_dir: str = ""):
+        self.step, self.loss, self.run_dir = step, loss, run_dir
+        where = f" (run {run_dir})" if run_dir else ""
+        super().__init__(f"training diverged: the loss is {loss} at step {step}{where}; lower train.lr, "
+                         "raise train.warmup_steps or set train.grad_clip")
+
+
 def unknown(what: str, name: object, allowed: Iterable[str], where: str = "") -> ZooConfigError:
     """Build the error for an unknown name: suggests the closest allowed names, lists them all."""
     allowed = sorted(allowed)

@@ -180,8 +180,13 @@ def main() -> None:  # the child side: python -m zoo.sweep CASE_JSON
 
     warnings.filterwarnings("ignore")
     case = json.loads(sys.argv[1])
+    from zoo.errors import ZooDiverged
+
     try:
         row = execute(case)
+    except ZooDiverged as e:  # a result, not a failure of the zoo: the row says so
+        print(json.dumps({"status": "diverged", "error": str(e), "result": {"steps": e.step}}))
+        return
     except Exception as e:  # reported as a row by the parent
         print(json.dumps({"status": "error", "error": f"{type(e).__name__}: {e}",
                           "traceback": traceback.format_exc()[-2000:]}))

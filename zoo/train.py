@@ -10,9 +10,11 @@ metrics).
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,11 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch import callbacks as cb
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 
 from zoo.config import Config, ModelConfig, dump_config, from_dict, to_dict
-from zoo.errors import ZooConfigError
+from zoo.errors import ZooConfigError, ZooDiverged
 from zoo.measure import environment
 from zoo.model import build_model
 from zoo.registry import default_registry
@@ -131,6 +134,21 @@ class ZooModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class StopOnNonFinite(cb.Callback):
+    """Stops training with :class:`ZooDiverged` when the training loss is NaN or inf, checked
+    every ``every`` steps (one host sync each; a diverged run stays diverged, so a late check
+    loses nothing but those steps)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        step = trainer.global_step
+        if loss is not None and (step % self.every == 0 or step == 1) and not torch.isfinite(loss).item():
+            raise ZooDiverged(step, float(loss))
+
+
 # -- putting a run together ----------------------------------------------------------------------
 def resolve(cfg: Config) -> tuple[Config, Task]:
     """The task, and the config with the model fitted to it; every error before training."""
@@ -153,7 +171,7 @@ def resolve(cfg: Config) -> tuple[Config, Task]:
     task.setup("fit")
     with torch.no_grad():  # a dry forward at every length the run will see: sizes that do not fit fail now
         for name in ("train", *task.test_names()):
-            tokens = task.data[name].tensors[0][:1]
+            tokens = task.example()[0] if name == "train" else task.data[name].tensors[0][:1]
             try:
                 net(tokens)
             except ZooConfigError as e:
@@ -172,6 +190,7 @@ def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
         cb.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=t.val_every),
         cb.LearningRateMonitor(logging_interval="step"),
+        StopOnNonFinite(min(50, t.val_every)),
         cb.ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], length_fn=lambda batch: batch[0].numel()),
     ]
     if t.early_stop_patience:
@@ -188,27 +207,99 @@ def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    try:
+        return L.Trainer(**kwargs)
+    except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as e:
+        chosen = (f"accelerator={t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
+                  f"num_nodes={t.num_nodes!r}, precision={t.precision!r}")
+        raise ZooConfigError(f"train: Lightning refused the Trainer options ({chosen}): {e}") from e
+
+
+def checkpoint_config(path: str | Path) -> dict:
+    """The config a checkpoint was trained with, with its run folder as the run to continue
+    (``train.log_dir`` and ``train.run_name``) when it lies in ``<log_dir>/<name>/checkpoints/``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooConfigError(f"--resume: no checkpoint file at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        data = ckpt["hyper_parameters"]["config"]
+    except Exception as e:  # not a zoo checkpoint, or not a checkpoint at all
+        raise ZooConfigError(f"--resume: {str(path)!r} is not a checkpoint written by zoo fit ({type(e).__name__})") from e
+    if path.parent.name == "checkpoints":
+        run = path.parent.parent
+        data["train"] = {**data.get("train", {}), "log_dir": str(run.parent), "run_name": run.name}
+    return data
+
+
+def _prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """The run folder: created, refused when it holds another run (unless ``overwrite``)."""
+    used = (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists()
+    if used and not resume:
+        if not overwrite:
+            raise ZooConfigError(
+                f"train.run_name: the run folder {str(run_dir)!r} already holds a run; choose another "
+                "train.run_name, continue it with --resume, or set train.overwrite true to replace it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ZooConfigError(f"train.log_dir: cannot create the run folder {str(run_dir)!r}: {e.strerror}") from e
+
+
+def _read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
+
+
+def _keep_history(path: Path, earlier: list[dict]) -> None:
+    """metrics.csv after a resume: the earlier session's rows before the first new step, then the
+    new rows (Lightning's CSV logger starts the file anew)."""
+    new = _read_csv(path)
+    if not earlier:
+        return
+    first = min((int(r["step"]) for r in new if r.get("step")), default=None)
+    kept = [r for r in earlier if first is None or (r.get("step") and int(r["step"]) < first)]
+    keys = list(dict.fromkeys(k for r in kept + new for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(kept + new)
 
 
 def fit(cfg: Config, resume: str | None = None, **trainer_overrides: Any) -> dict:
-    """Train and test one config; returns the final metrics (also in <run dir>/metrics.json)."""
+    """Train and test one config; returns the final metrics (also in <run dir>/metrics.json).
+
+    Every error in the config, the task, the Trainer options or the run folder is raised before
+    anything is written. A diverged run raises :class:`ZooDiverged` after writing its status."""
+    if resume is not None and not Path(resume).is_file():
+        raise ZooConfigError(f"--resume: no checkpoint file at {resume!r}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     cfg, task = resolve(cfg)
     run_dir = Path(cfg.train.log_dir) / run_name(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, run_dir, **trainer_overrides)
+    _prepare_run_dir(run_dir, resume, cfg.train.overwrite)
+    earlier = _read_csv(run_dir / "metrics.csv") if resume else []
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = ZooModule(to_dict(cfg), test_names=task.test_names())
-    trainer = build_trainer(cfg, run_dir, **trainer_overrides)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=task, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=task, ckpt_path=resume)
+    except ZooDiverged as e:
+        if trainer.is_global_zero:
+            out = {"status": "diverged", "error": str(e), "steps": e.step, "train_seconds": time.perf_counter() - start,
+                   "params": module.model.num_params(), "run_dir": str(run_dir)}
+            (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+        raise ZooDiverged(e.step, e.loss, str(run_dir)) from None
+    finally:
+        if trainer.is_global_zero and resume:
+            _keep_history(run_dir / "metrics.csv", earlier)
     seconds = time.perf_counter() - start
     results = trainer.test(module, datamodule=task, verbose=False)
     metrics = {k: float(v) for r in results for k, v in r.items()}
-    out = {"metrics": metrics, "train_seconds": seconds, "steps": trainer.global_step,
+    out = {"status": "ok", "metrics": metrics, "train_seconds": seconds, "steps": trainer.global_step,
            "params": module.model.num_params(), "run_dir": str(run_dir)}
     if trainer.is_global_zero:
         (run_dir / "environment.json").write_text(json.dumps(environment(module.device), indent=2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from zoo.errors import ZooConfigError
-from zoo.tasks.base import IGNORE, Task
+from zoo.tasks.base import IGNORE, Task, derived_seed
 
 
 class Induction(Task):
@@ -41,5 +41,5 @@ class Induction(Task):
         return tokens, targets
 
     def test_splits(self):
-        return {f"test@{T}": self.generate(self.test_size, self.seed + 2 + T, "test", length=T)
+        return {f"test@{T}": self.generate(self.test_size, derived_seed(self.seed, "test", T), "test", length=T)
                 for T in self.test_lengths}
