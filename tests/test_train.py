@@ -1,9 +1,9 @@
 """The Lightning harness end to end on the CPU: learning, resume, DDP, errors before training."""
 
 import csv
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

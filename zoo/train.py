@@ -23,8 +23,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch import callbacks as cb
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import callbacks as cb
 from lightning.pytorch.loggers import CSVLogger
 
 from zoo.config import Config, ModelConfig, dump_config, from_dict, to_dict
@@ -225,7 +225,8 @@ def checkpoint_config(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         data = ckpt["hyper_parameters"]["config"]
     except Exception as e:  # not a zoo checkpoint, or not a checkpoint at all
-        raise ZooConfigError(f"--resume: {str(path)!r} is not a checkpoint written by zoo fit ({type(e).__name__})") from e
+        raise ZooConfigError(
+            f"--resume: {str(path)!r} is not a checkpoint written by zoo fit ({type(e).__name__})") from e
     if path.parent.name == "checkpoints":
         run = path.parent.parent
         data["train"] = {**data.get("train", {}), "log_dir": str(run.parent), "run_name": run.name}

@@ -99,7 +99,8 @@ class Task(L.LightningDataModule):
         if self.data:
             return
         if self.train_size:
-            self.data["train"] = TensorDataset(*self.generate(self.train_size, derived_seed(self.seed, "train"), "train"))
+            pool = self.generate(self.train_size, derived_seed(self.seed, "train"), "train")
+            self.data["train"] = TensorDataset(*pool)
         self.data["val"] = TensorDataset(*self.generate(self.test_size, derived_seed(self.seed, "val"), "val"))
         for name, tensors in self.test_splits().items():
             self.data[name] = TensorDataset(*tensors)
