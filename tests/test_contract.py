@@ -167,3 +167,24 @@ def test_backend_equals_reference(name, causal, position, backend):
     (gx_ref,) = torch.autograd.grad(y_ref, x, g)
     (gx_fast,) = torch.autograd.grad(y_fast, x, g)
     torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("softmax", {"n_heads": 0}, r"needs n_heads to be integers >= 1; got n_heads=0"),
+    ("softmax", {"head_dim": 0}, r"needs head_dim to be integers >= 1; got head_dim=0"),
+    ("linear", {"chunk": 0}, r"linear attention needs chunk to be integers >= 1; got chunk=0"),
+    ("mlp", {"hidden": -1}, r"mlp needs hidden to be integers >= 0; got hidden=-1"),
+    ("swiglu", {"hidden": -1}, r"swiglu needs hidden to be integers >= 0; got hidden=-1"),
+    ("moe", {"hidden": -1}, r"moe needs d_model >= 1, n_experts >= 1 and hidden >= 0"),
+    ("window", {"window": 0}, r"window needs window >= 1"),
+    ("mamba", {"d_state": 0}, r"mamba needs d_state"),
+])
+def test_degenerate_sizes_are_configuration_errors(name, kwargs, message):
+    with pytest.raises(zoo.ZooConfigError, match=message):
+        zoo.build_mixer(name, D_MODEL, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["softmax", "window", "linear", "lsh", "mamba", "mlp", "swiglu"])
+def test_negative_d_model_is_a_configuration_error(name):
+    with pytest.raises(zoo.ZooConfigError, match=r"d_model"):
+        zoo.build_mixer(name, -4)

@@ -32,7 +32,7 @@ def test_adding_a_mixer_walkthrough(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "torch.Size([2, 32, 256])"
     r = run([sys.executable, "-m", "zoo.cli", "list"], tmp_path, env)
-    assert r.returncode == 0 and "| shortconv | yes | yes | yes |" in r.stdout, r.stderr
+    assert r.returncode == 0 and "| shortconv | strict | yes | yes |" in r.stdout, r.stderr
     r = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              str(ROOT / "tests" / "test_contract.py"), "-k", "shortconv"], ROOT, env)
     assert r.returncode == 0, r.stdout + r.stderr

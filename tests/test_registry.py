@@ -182,6 +182,14 @@ def test_zoo_list_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ZOO_REGISTRY", raising=False)
     assert zoo_main(["--registry", str(overlay(tmp_path, TOY)), "list"]) == 0
     out = capsys.readouterr().out
-    assert "| softmax | yes | yes | yes |" in out and "| toy |" in out and "| swiglu |" in out
+    assert "| softmax | strict | yes | yes |" in out and "| toy |" in out and "| swiglu |" in out
     assert zoo_main(["--registry", str(tmp_path / "missing.yaml"), "list"]) == 2
     assert "missing.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_zoo_list_shows_strict_and_mask_only_causality(capsys):
+    from zoo.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "| lsh | mask only |" in out and "| mamba | strict |" in out and "| linformer | - |" in out

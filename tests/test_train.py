@@ -191,3 +191,24 @@ def test_bad_training_options_are_clear_errors(tmp_path, capsys, overrides, mess
     assert re.search(message, err), err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_silent_replacements_are_refused_or_said(tmp_path):
+    with pytest.raises(zoo.ZooConfigError, match=r"model.vocab_size=100 conflicts with task 'mqar', which needs vocab_size=16"):
+        resolve(config(tmp_path, "--model.vocab_size", "100"))
+    with pytest.warns(UserWarning, match=r"'window' \(layer 0\) covers the whole sequence at seq_len 16"):
+        resolve(config(tmp_path, "--model.mixer", "window", "--model.mixer_args", "{window: {n_heads: 2, window: 64}}"))
+
+
+def test_a_suite_whose_window_covers_the_sequence_is_refused_at_load(tmp_path):
+    from zoo.suite import cases, load_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text("quality:\n  mixers: [window]\n  tasks: {mqar: {vocab: 16, seq_len: 16, n_pairs: 1}}\n"
+                    "  model: {d_model: 32, mixer_args: {window: {n_heads: 2, window: 16}}}\n")
+    with pytest.raises(zoo.ZooConfigError, match=r"window covers the whole sequence of task 'mqar' \(seq_len 16\)"):
+        cases(load_suite(str(path)))
+    path.write_text("quality:\n  mixers: [lsh]\n  tasks: {mqar: {vocab: 16, seq_len: 16, n_pairs: 1}}\n"
+                    "  model: {d_model: 32, mixer_args: {n_heads: 2, bucket_size: 4}}\n")
+    with pytest.raises(zoo.ZooConfigError, match=r"mixer 'lsh' is causal in its mask only.*allow_causal_leak"):
+        cases(load_suite(str(path)))

@@ -19,6 +19,12 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+def _causal(e) -> str:
+    """'strict' (no output depends on a later input's value), 'mask only' (masked, but later
+    inputs still move the result: refused by causal models unless allowed), or '-'."""
+    return ("strict" if e.strictly_causal else "mask only") if e.causal else "-"
+
+
 def list_table(reg: Registry, device_type: str) -> str:
     """Markdown tables of every registry entry and which backends run on ``device_type``."""
 
@@ -29,11 +35,14 @@ def list_table(reg: Registry, device_type: str) -> str:
         return ", ".join(parts)
 
     lines = [f"## Sequence mixers (backends on {device_type}; parenthesised ones are unavailable)", "",
+             "causal: strict = no output depends on a later input's value; mask only = the future is masked but "
+             "later inputs still change earlier outputs (refused by causal models unless "
+             "model.allow_causal_leak is true)", "",
              "| name | causal | bidirectional | decode | positions | backends | description |",
              "|---|---|---|---|---|---|---|"]
     for e in reg.entries(SEQUENCE):
         lines.append(
-            f"| {e.name} | {_yes(e.causal)} | {_yes(e.bidirectional)} | {_yes(e.decode)} | "
+            f"| {e.name} | {_causal(e)} | {_yes(e.bidirectional)} | {_yes(e.decode)} | "
             f"{', '.join(e.positions)} | {backends(e)} | {e.description} |"
         )
     lines += ["", "## Channel mixers", "", "| name | backends | description |", "|---|---|---|"]

@@ -103,6 +103,12 @@ class SequenceMixer(nn.Module):
         unless its config sets ``allow_causal_leak: true``."""
         return None
 
+    def full_at(self, length: int) -> bool:
+        """True when, at sequences of ``length``, this mixer's restriction (a window, a bucket)
+        covers the whole sequence, so that it computes full attention: a comparison that means
+        to test the restriction is then void (suites refuse it, ``zoo fit`` warns)."""
+        return False
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, causal={self.causal}, backend={self.backend!r}"
 

@@ -179,13 +179,23 @@ def cases(suite: Suite) -> list[dict]:
 
 
 def _check_model(suite: str, case: dict) -> None:
-    from zoo.config import ModelConfig
+    from zoo.config import ModelConfig, to_dict
     from zoo.model import mixer_kwargs
 
     where = f"suite {suite!r}: {case['kind']}.model"
     cfg = from_dict(ModelConfig, {**case["model"], "mixer": case["mixer"]}, where)
     mixer_kwargs(default_registry(), cfg.mixers, cfg.mixer_args, f"{where}.mixer_args")
     task = default_registry().build_task(case["task"], **case["task_args"])
+    from zoo.model import ZooModel
+
+    net = ZooModel(from_dict(ModelConfig, {**to_dict(cfg), **task.model_overrides(),
+                                           "allow_causal_leak": True}, where))
+    for i, block in enumerate(net.blocks):
+        if getattr(block.mixer, "full_at", lambda n: False)(task.seq_len):
+            raise ZooConfigError(
+                f"{where}: {cfg.mixers[i]} covers the whole sequence of task {case['task']!r} (seq_len "
+                f"{task.seq_len}) and would compute full attention ({block.mixer.extra_repr()}); give it a "
+                f"smaller window or bucket in {case['kind']}.model.mixer_args.{cfg.mixers[i]}")
     for name in cfg.mixers:
         e = default_registry().mixer(name)
         if task.causal and e.causal and not e.strictly_causal and not cfg.allow_causal_leak:

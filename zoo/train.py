@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +158,8 @@ def resolve(cfg: Config) -> tuple[Config, Task]:
     over = task.model_overrides()
     defaults = ModelConfig()
     model = to_dict(cfg.model)
-    for key in ("causal", "head"):
-        if model[key] != getattr(defaults, key) and model[key] != over[key]:
+    for key in ("causal", "head", "vocab_size", "n_classes"):
+        if key in over and model[key] != getattr(defaults, key) and model[key] != over[key]:
             raise ZooConfigError(f"model.{key}={model[key]!r} conflicts with task {cfg.task.name!r}, which needs "
                                  f"{key}={over[key]!r}")
     model.update(over)
@@ -168,6 +169,11 @@ def resolve(cfg: Config) -> tuple[Config, Task]:
     except ZooConfigError as e:
         kind = "causal" if cfg.model.causal else "bidirectional"
         raise ZooConfigError(f"task {cfg.task.name!r} (a {kind} model): {e}") from e
+    for i, block in enumerate(net.blocks):
+        if getattr(block.mixer, "full_at", lambda n: False)(task.seq_len):
+            warnings.warn(f"model.mixer {cfg.model.mixers[i]!r} (layer {i}) covers the whole sequence at "
+                          f"seq_len {task.seq_len}: it computes full attention ({block.mixer.extra_repr()})",
+                          stacklevel=2)
     task.setup("fit")
     with torch.no_grad():  # a dry forward at every length the run will see: sizes that do not fit fail now
         for name in ("train", *task.test_names()):

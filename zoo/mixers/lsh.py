@@ -68,6 +68,11 @@ class LSHAttention(AttentionMixer):
         qk, v = self.qkv(x).view(B, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qk, F.normalize(qk, dim=-1), v  # q, k = unit-norm q, v: (B, H, T, hd)
 
+    def full_at(self, length: int) -> bool:
+        """True when at ``length`` one chunk holds the whole sequence, or there is one bucket:
+        every position sees every other, as in full attention (itself only when alone)."""
+        return self.bucket_size >= length or self.n_buckets == 1
+
     # -- hashing -------------------------------------------------------------------------
     def buckets_for(self, T: int) -> int:
         if self.n_buckets:

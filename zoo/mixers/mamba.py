@@ -18,7 +18,10 @@ Backends of the selective scan (``zoo.mixers.selective_scan``):
              fp32/fp64; sequential in time, vectorised over channels, chunk states saved and
              recomputed in backward), else a chunked parallel scan in PyTorch with per-chunk
              recomputation. Neither holds (B, L, d_inner, N) for the whole sequence;
-  mamba_ssm  mamba-ssm's fused CUDA kernel (extra ``gpu``), with the same weights.
+  mamba_ssm  mamba-ssm's CUDA kernels (extra ``gpu``), with the same weights: with causal-conv1d
+             the whole block is upstream's fused ``mamba_inner_fn`` and a decode step is
+             ``causal_conv1d_update`` + ``selective_state_update`` (on copies of the state:
+             they update in place); without it, ``selective_scan_fn`` behind nn.Conv1d.
 Decoding: conv state (B, d_inner, d_conv) and SSM state (B, d_inner, N), constant in length.
 """
 
@@ -101,6 +104,8 @@ class Mamba(SequenceMixer):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, L, d_model)
         backend = self.backend_for(u.device)
+        if backend == "mamba_ssm" and u.shape[0] and u.shape[1] and selective_scan.has_causal_conv1d():
+            return selective_scan.mamba_ssm_block(self, u)  # the fused CUDA block, as upstream
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, d_inner)
         if x.shape[0] == 0 or x.shape[1] == 0:  # empty: nothing to scan
             return self.out_proj(x)
@@ -121,7 +126,10 @@ class Mamba(SequenceMixer):
                 "ssm": torch.zeros(batch, self.d_inner, self.d_state, **kw)}
 
     def step(self, u_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """u_t (B, d_model) -> (B, d_model); O(d_inner * (d_conv + N)) per token."""
+        """u_t (B, d_model) -> (B, d_model); O(d_inner * (d_conv + N)) per token. Returns a new
+        state; the one given is never changed."""
+        if self.backend_for(u_t.device) == "mamba_ssm" and selective_scan.has_causal_conv1d():
+            return selective_scan.mamba_ssm_step(self, u_t, state)
         x, z = self.in_proj(u_t).chunk(2, dim=-1)  # (B, d_inner)
         conv = torch.cat((state["conv"][..., 1:], x[..., None]), -1)  # the last d_conv inputs
         x = (conv * self.conv1d.weight[:, 0]).sum(-1)

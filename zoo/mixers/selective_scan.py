@@ -185,3 +185,40 @@ def mamba_ssm_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias):
     y = selective_scan_fn(t(u), t(delta_raw), A, t(B), t(C), D_skip, z=t(z),
                           delta_bias=delta_bias, delta_softplus=True)
     return y.transpose(1, 2)
+
+
+@functools.cache
+def has_causal_conv1d() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("causal_conv1d") is not None
+
+
+def mamba_ssm_block(m, u):
+    """The whole Mamba block through upstream's fused ``mamba_inner_fn`` (in_proj's output in
+    the (B, 2 d_inner, L) layout, conv + scan + gate + out_proj in one autograd function); A,
+    D and the dt bias in fp32, as upstream."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+    L = u.shape[1]
+    xz = (m.in_proj.weight @ u.reshape(-1, u.shape[-1]).t()).view(-1, u.shape[0], L).transpose(0, 1)  # (B, 2Di, L)
+    if m.in_proj.bias is not None:
+        xz = xz + m.in_proj.bias[:, None].to(xz.dtype)
+    return mamba_inner_fn(xz, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight,
+                          m.out_proj.weight, m.out_proj.bias, -torch.exp(m.A_log.float()), None, None,
+                          m.D.float(), delta_bias=m.dt_proj.bias.float(), delta_softplus=True)
+
+
+def mamba_ssm_step(m, u_t, state):
+    """One decode step with upstream's kernels; they update the states in place, so they get
+    copies (constant size) and the state given stays valid (the zoo's decode rule)."""
+    from causal_conv1d import causal_conv1d_update
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    conv, ssm = state["conv"].clone(), state["ssm"].clone()
+    x, z = m.in_proj(u_t).chunk(2, dim=-1)  # (B, d_inner)
+    x = causal_conv1d_update(x, conv, m.conv1d.weight[:, 0], m.conv1d.bias, "silu")
+    delta, Bm, Cm = m.ssm_inputs(x)
+    y = selective_state_update(ssm, x, delta, -torch.exp(m.A_log.float()), Bm, Cm, m.D.float(), z=z,
+                               dt_bias=m.dt_proj.bias.float(), dt_softplus=True)
+    return m.out_proj(y), {"conv": conv, "ssm": ssm}

@@ -58,6 +58,10 @@ class WindowAttention(AttentionMixer):
         self.reach = (window - 1) * dilation + 1
         self.block = block or min(self.reach, 128)  # 128: fastest at window 256 on the CPU
 
+    def full_at(self, length: int) -> bool:
+        """True when at ``length`` the window reaches every position: full attention."""
+        return self.reach >= length
+
     # -- who attends to whom --------------------------------------------------------------
     def global_positions(self, T: int, device) -> torch.Tensor:
         g = {p for p in self.global_tokens if p < T}
