@@ -170,7 +170,7 @@ def test_backend_equals_reference(name, causal, position, backend):
 
 
 @pytest.mark.parametrize("name,kwargs,message", [
-    ("softmax", {"n_heads": 0}, r"needs n_heads to be integers >= 1; got n_heads=0"),
+    ("softmax", {"n_heads": -1}, r"needs n_heads to be integers >= 1; got n_heads=-1"),
     ("softmax", {"head_dim": 0}, r"needs head_dim to be integers >= 1; got head_dim=0"),
     ("linear", {"chunk": 0}, r"linear attention needs chunk to be integers >= 1; got chunk=0"),
     ("mlp", {"hidden": -1}, r"mlp needs hidden to be integers >= 0; got hidden=-1"),

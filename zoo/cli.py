@@ -101,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("bench-results") / (suite.name + ("-quick" if args.quick else "")))
     command = "zoo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("zoo") else "zoo bench " + args.suite
     results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, progress=not args.no_progress,
-                        command=command)
+                        command=command, jobs=args.jobs)
     rows = collect([results])
     failed = [r for r in rows if r.get("status") != "ok"]
     print(f"{len(rows) - len(failed)} cases ok, {len(failed)} did not finish; results in {results}")
@@ -154,7 +154,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="results directory (default bench-results/SUITE)")
     s.add_argument("--shard", help="i/n: run every n-th case starting at i")
     s.add_argument("--retry-failed", action="store_true", help="rerun cases whose row says error/timeout/killed")
-    s.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the suite's, else all)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch threads per case (default: the suite's, else the cores shared among --jobs)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="training cases run this many at a time (timing cases always run alone)")
     s.add_argument("--timeout", type=int, default=0, help="seconds per case (default: the suite's)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_bench)

@@ -39,7 +39,10 @@ class ModelConfig:
     causal: bool = True
     # take mixers whose causal mode leaks later inputs' values (lsh; moe with capacity_rule batch)
     allow_causal_leak: bool = False
-    position: str = "none"  # none | sinusoidal | learned | rope | alibi
+    # auto | none | sinusoidal | learned | rope | alibi. auto: the registry's default_position of
+    # the model's sequence mixers (learned for attention, none for mamba; hybrids take the first
+    # that is not none); resolved when the model is built and written into the run's config
+    position: str = "auto"
     max_len: int = 2048  # bounds sinusoidal/learned tables only
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
@@ -103,7 +106,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0: off
     precision: str = "32-true"  # any Lightning precision: 32-true, bf16-mixed, 16-mixed, ...
-    seed: int = 0
+    seed: int = 0  # initialisation (and dropout) seed
+    data_seed: Union[int, None] = None  # noqa: UP007  the task's data (None: seed); fixed across init seeds, every run sees the same test set
+    stop_at: float = 0.0  # stop once validation accuracy reaches this (Zoology: 0.99); 0: train max_steps
     accelerator: str = "auto"
     devices: Union[int, str] = 1  # noqa: UP007
     strategy: str = "auto"  # ddp, fsdp, ... (Lightning strategies)
@@ -127,6 +132,8 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ZooConfigError(f"train.{key} must be >= 0 (0: {'off' if key != 'threads' else 'leave as is'}), "
                                      f"got {getattr(self, key)}")
+        if not 0.0 <= self.stop_at <= 1.0:
+            raise ZooConfigError(f"train.stop_at is a validation accuracy in [0, 1] (0: off), got {self.stop_at}")
         if self.num_nodes < 1:
             raise ZooConfigError(f"train.num_nodes must be >= 1, got {self.num_nodes}")
 
@@ -192,7 +199,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ZooConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

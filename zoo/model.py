@@ -10,6 +10,7 @@ over the layers after a forward; the training loop adds them to the loss and log
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -106,6 +107,8 @@ class ZooModel(nn.Module):
     def __init__(self, cfg: ModelConfig, registry: Registry | None = None):
         super().__init__()
         reg = registry or default_registry()
+        if cfg.position == "auto":
+            cfg = dataclasses.replace(cfg, position=resolve_position(cfg, reg))
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -216,6 +219,16 @@ class ZooModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def resolve_position(cfg: ModelConfig, registry: Registry | None = None) -> str:
+    """``cfg.position``, with ``auto`` replaced by the mixers' registry default_position."""
+    if cfg.position != "auto":
+        return cfg.position
+    reg = registry or default_registry()
+    wanted = [reg.mixer(n).default_position for n in dict.fromkeys(cfg.mixers)
+              if reg.mixer(n).kind == "sequence_mixers"]
+    return next((p for p in wanted if p != "none"), "none")
 
 
 def build_model(config: Config | ModelConfig | dict, registry: Registry | None = None) -> ZooModel:

@@ -34,7 +34,7 @@ _COMMON = {"description", "paper", "notes", "replace"}
 _KEYS = {
     SEQUENCE: _COMMON
     | {"class", "defaults", "tiny", "causal", "strictly_causal", "bidirectional", "decode", "positions",
-       "backends", "complexity"},
+       "default_position", "backends", "complexity"},
     CHANNEL: _COMMON | {"class", "defaults", "tiny", "backends", "complexity"},
     POSITIONS: _COMMON | {"where"},
     TASKS: _COMMON | {"class", "defaults", "tiny", "metric"},
@@ -63,6 +63,7 @@ class Entry:
     bidirectional: bool = True
     decode: bool = False
     positions: tuple[str, ...] = ("none", "sinusoidal", "learned")
+    default_position: str = "none"  # what `position: auto` takes for this mixer
     backends: tuple[str, ...] = ("reference",)
     complexity: dict[str, str] = field(default_factory=dict)
     where: str = ""
@@ -214,6 +215,9 @@ class Registry:
                 if not isinstance(fields[key], list):
                     raise ZooConfigError(f"{where}: {key!r} must be a list, got {fields[key]!r}")
                 fields[key] = tuple(fields[key])
+        if kind == SEQUENCE and "default_position" not in fields:
+            positions = fields.get("positions", Entry.positions)
+            fields["default_position"] = "none" if "none" in positions else positions[0]
         for key in ("causal", "strictly_causal", "bidirectional", "decode"):
             if key in fields and not isinstance(fields[key], bool):
                 raise ZooConfigError(f"{where}: {key!r} must be true or false, got {fields[key]!r}")
@@ -248,6 +252,9 @@ class Registry:
             for p in e.positions:
                 if p not in SCHEMES:
                     raise unknown("positional scheme", p, SCHEMES, where)
+            if e.default_position not in e.positions:
+                raise ZooConfigError(f"{where}: default_position {e.default_position!r} is not among its positions "
+                                     f"{list(e.positions)}")
             if set(e.positions) & set(IN_ATTENTION) and "position" not in names and not var:
                 raise ZooConfigError(
                     f"{where}: lists {sorted(set(e.positions) & set(IN_ATTENTION))} in positions "

@@ -77,6 +77,7 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         lines += [f"| {k} | {v} |" for k, v in env.items()]
         lines += ["", f"{len(ok)} of {len(rows)} cases ran; times are medians of "
                   "`torch.utils.benchmark` blocks and hold only for this machine; ratios are the portable part.", ""]
+    lines += _findings_section(rows, out_dir)
     lines += _quality_section(rows, out_dir)
     lines += _speed_section(rows, out_dir)
     lines += _decode_section(rows)
@@ -104,6 +105,142 @@ def _plt():
 
 def _kv(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "defaults"
+
+
+def mixer_color(name: str):
+    """One colour per mixer across every panel and report: its place in the registry."""
+    from zoo.registry import CHANNEL, SEQUENCE, default_registry
+
+    reg = default_registry()
+    names = reg.names(SEQUENCE) + reg.names(CHANNEL)
+    i = names.index(name) if name in names else len(names) + sum(map(ord, name))
+    return _plt().get_cmap("tab10")(i % 10)
+
+
+def _findings_section(rows, out_dir):
+    from zoo import findings as fd
+
+    frows = fd.findings_rows(rows)
+    if not frows:
+        return []
+    summaries = fd.summarize(rows)
+    c0 = frows[0]["case"]
+    lrs = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "tune"})
+    seeds = sorted({r["case"]["train"]["seed"] for r in frows})
+    train = {k: v for k, v in c0["train"].items() if k not in ("lr", "seed", "data_seed")}
+    lines = ["## Findings", "",
+             f"Protocol (zoo/findings.py): per mixer and setting, a learning-rate grid {lrs} on init seed {seeds[0]}, "
+             f"chosen on validation accuracy; the chosen rate rerun on init seeds {seeds[1:]}; data seed "
+             f"{c0['train'].get('data_seed')} for every run (same validation and test sets, fresh training batches). "
+             f"Test accuracy: mean, standard deviation and 95 % interval (Student t) over the seeds. Budget: "
+             f"{_kv(train)}; model: {_kv(c0.get('model', {}))}. Flags count runs: converged = reached the "
+             f"validation target; still_improving = validation accuracy rose by more than {fd.IMPROVING} over the "
+             "last quarter of the run; AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level. "
+             "Mixers whose intervals overlap share a rank.", ""]
+    by_setting = defaultdict(list)
+    for s_ in summaries:
+        by_setting[s_.setting].append(s_)
+    tasks = {r["case"]["setting"]: (r["case"]["task"], r["case"]["task_args"], r["case"].get("model", {}))
+             for r in frows}
+    for setting, ss in sorted(by_setting.items()):
+        task, args, model = tasks[setting]
+        lines += [f"### {setting}: {task} ({_kv(args)})", "",
+                  f"chance {ss[0].chance:.3f}" + (f"; model {_kv(model)}" if model != c0.get("model", {}) else ""), "",
+                  "| rank | mixer | lr | runs | test accuracy | 95 % interval | flags | state bytes | val acc per lr |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s_, rank in fd.ranking(ss):
+            lo, hi = s_.ci
+            acc = f"{s_.mean:.3f} ± {s_.std:.3f}" if s_.n > 1 else (f"{s_.mean:.3f}" if s_.values else "-")
+            ci = f"[{lo:.3f}, {hi:.3f}]" if s_.n > 1 else "-"
+            grid = ", ".join(f"{lr:g}: {v:.2f}" for lr, v in sorted(s_.grid.items()))
+            state = _fmt(s_.state_bytes, "B") if s_.state_bytes else "-"
+            lines.append(f"| {rank} | {s_.mixer} | {s_.lr if s_.lr is None else f'{s_.lr:g}'} | {s_.n} | {acc} | "
+                         f"{ci} | {s_.flag_text()} | {state} | {grid} |")
+        lines.append("")
+    lines += _findings_plots(summaries, tasks, out_dir)
+    lines += _claims_section(rows, c0.get("claims", ""))
+    return lines
+
+
+def _findings_plots(summaries, tasks, out_dir):
+    """Accuracy against each task's difficulty axis (the task argument or model width that varies
+    across its settings) and against decode-state size, one colour per mixer, 95 % error bars."""
+    by_task = defaultdict(list)
+    for s_ in summaries:
+        by_task[tasks[s_.setting][0]].append(s_)
+    plt = _plt()
+    panels = []
+    for task, ss in sorted(by_task.items()):
+        settings = sorted({s_.setting for s_ in ss})
+        if len(settings) < 2:
+            continue
+        keys = {k for st in settings for k in {**tasks[st][1], **{f"model.{m}": v for m, v in tasks[st][2].items()}}}
+        values = {st: {**tasks[st][1], **{f"model.{m}": v for m, v in tasks[st][2].items()}} for st in settings}
+        axis = [k for k in sorted(keys) if len({str(values[st].get(k)) for st in settings}) > 1
+                and all(isinstance(values[st].get(k), (int, float)) for st in settings)]
+        if len(axis) == 1:
+            panels.append((task, axis[0], ss, values))
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 3.6), squeeze=False)
+    for ax, (task, key, ss, values) in zip(axes[0], panels, strict=False):
+        for mixer in sorted({s_.mixer for s_ in ss}):
+            pts = sorted((values[s_.setting][key], s_) for s_ in ss if s_.mixer == mixer and s_.values)
+            if not pts:
+                continue
+            err = [[p[1].mean - p[1].ci[0] if p[1].n > 1 else 0 for p in pts],
+                   [p[1].ci[1] - p[1].mean if p[1].n > 1 else 0 for p in pts]]
+            ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=err, marker="o", capsize=3,
+                        label=mixer, color=mixer_color(mixer))
+        ax.axhline(ss[0].chance, color="grey", linestyle=":", label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(key)
+        ax.set_ylabel("test accuracy (mean, 95 % interval)")
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for mixer in sorted({s_.mixer for s_ in summaries}):
+        pts = sorted((s_.state_bytes, s_.mean) for s_ in summaries
+                     if s_.mixer == mixer and s_.values and s_.state_bytes)
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=mixer, color=mixer_color(mixer))
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("decode state (bytes, batch 1, at the task length)")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_title("accuracy against state size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "findings.png", dpi=110)
+    plt.close(fig)
+    return ["![findings](findings.png)", ""]
+
+
+def _claims_section(rows, claims_path: str):
+    from zoo import findings as fd
+
+    if not claims_path:
+        return []
+    try:
+        claims = fd.load_claims(_claims_file(claims_path))
+    except Exception as e:  # a report never dies on its inputs
+        return [f"Claims file {claims_path!r} could not be read: {e}", ""]
+    lines = ["### Published claims", "", "| claim | source | ours | verdict |", "|---|---|---|---|"]
+    for c in claims:
+        try:
+            verdict, ours = fd.evaluate(c, rows)
+        except Exception as e:
+            verdict, ours = fd.INCONCLUSIVE, f"could not be evaluated: {e}"
+        lines.append(f"| {c.claim} | {c.source} | {ours} | **{verdict}** |")
+    return lines + [""]
+
+
+def _claims_file(path: str) -> Path:
+    from zoo.suite import SUITES_DIR
+
+    p = Path(path)
+    return p if p.is_file() or p.is_absolute() else SUITES_DIR / path
 
 
 def _quality_section(rows, out_dir):

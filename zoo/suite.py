@@ -61,6 +61,32 @@ class ExtrapolationSpec:
 
 
 @dataclass
+class FindingsSetting:
+    """One task setting of a findings suite; ``model`` and ``train`` override the suite's."""
+
+    task: str = "mqar"
+    args: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    mixers: Union[list[str], None] = None  # noqa: UP007  None: the suite's
+
+
+@dataclass
+class FindingsSpec:
+    """The findings protocol (zoo.findings): per mixer x setting, an lr grid on the first seed,
+    then the chosen lr over the other seeds; claims evaluated on the aggregates."""
+
+    mixers: list[str] = field(default_factory=lambda: ["softmax", "linear", "mamba"])
+    settings: dict[str, FindingsSetting] = field(default_factory=dict)
+    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    data_seed: int = 0  # fixed: every run sees the same validation and test sets
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    claims: str = ""  # a claims file: a path, or a name of zoo/suites/ (e.g. claims.yaml)
+
+
+@dataclass
 class Suite:
     name: str = "suite"
     description: str = ""
@@ -70,6 +96,7 @@ class Suite:
     decode: Union[DecodeSpec, None] = None  # noqa: UP007
     quality: Union[QualitySpec, None] = None  # noqa: UP007
     extrapolation: Union[ExtrapolationSpec, None] = None  # noqa: UP007
+    findings: Union[FindingsSpec, None] = None  # noqa: UP007
     quick: dict[str, Any] = field(default_factory=dict)  # overrides applied by --quick
 
     def __post_init__(self) -> None:
@@ -80,6 +107,17 @@ class Suite:
             if self.speed.dtype not in ("float32", "float64", "bfloat16", "float16"):
                 raise ZooConfigError(f"suite {self.name!r}: speed.dtype {self.speed.dtype!r}; allowed: float32, "
                                      "float64, bfloat16, float16")
+        f = self.findings
+        if f:
+            if not f.settings or not f.lrs or not f.seeds:
+                raise ZooConfigError(f"suite {self.name!r}: findings needs settings, lrs and seeds (non-empty)")
+            if any(lr <= 0 for lr in f.lrs) or len(set(f.seeds)) != len(f.seeds):
+                raise ZooConfigError(f"suite {self.name!r}: findings.lrs must be > 0 and findings.seeds distinct; "
+                                     f"got lrs={f.lrs}, seeds={f.seeds}")
+            for key in ("lr", "seed", "data_seed"):
+                if key in f.train or any(key in st.train for st in f.settings.values()):
+                    raise ZooConfigError(f"suite {self.name!r}: findings sets train.{key} itself (findings.lrs, "
+                                         "findings.seeds, findings.data_seed); remove it from findings.train")
         for spec, key in ((self.speed, "lengths"), (self.decode, "contexts")):
             if spec and (not getattr(spec, key) or min(getattr(spec, key)) < 1):
                 raise ZooConfigError(f"suite {self.name!r}: {key} must be a non-empty list of positive lengths")
@@ -162,6 +200,9 @@ def cases(suite: Suite) -> list[dict]:
             out.append({"kind": "extrapolation", "mixer": x.mixer, "position": pos, "task": x.task,
                         "task_args": x.args, "model": x.model, "train": x.train,
                         "key": f"extrapolation/{x.task}/{x.mixer}/{pos}"})
+    f = suite.findings
+    if f:
+        out += _findings_cases(f)
     for spec, what in ((s, "speed"), (d, "decode")):  # each case keeps only its own mixer's arguments
         mine = [c for c in out if c["kind"] == what]
         if mine:
@@ -172,10 +213,43 @@ def cases(suite: Suite) -> list[dict]:
             for c in mine:
                 c["args"] = split[c["mixer"]]
     for c in out:  # a training case's model settings fail here, before any case runs
-        if c["kind"] in ("quality", "extrapolation"):
+        if c["kind"] in ("quality", "extrapolation", "findings"):
             _check_model(suite.name, c)
         c["threads"] = suite.threads
     return copy.deepcopy(out)
+
+
+def _findings_cases(f: FindingsSpec) -> list[dict]:
+    """Tune cases (every lr, first seed) first, then seed cases (lr 'best': chosen from the tune
+    rows when the case starts, see zoo.sweep)."""
+    reg = default_registry()
+    tune, seeds = [], []
+    for name, st in f.settings.items():
+        task = reg.build_task(st.task, **st.args)
+        model = _merge(f.model, st.model)
+        for mixer in st.mixers or f.mixers:
+            e = reg.mixer(mixer)
+            if task.causal and not (e.causal and (e.strictly_causal or model.get("allow_causal_leak"))):
+                continue  # the protocol compares what the task allows (listed in the report's setup)
+            base = {"kind": "findings", "setting": name, "mixer": mixer, "task": st.task, "task_args": st.args,
+                    "model": model, "chance": task.chance, "claims": f.claims}
+            for lr in f.lrs:
+                train = {**_merge(f.train, st.train), "lr": lr, "seed": f.seeds[0], "data_seed": f.data_seed}
+                tune.append({**base, "phase": "tune", "train": train,
+                             "key": f"findings/{name}/{mixer}/lr={lr:g}/seed={f.seeds[0]}"})
+            for seed in f.seeds[1:]:
+                train = {**_merge(f.train, st.train), "lr": "best", "seed": seed, "data_seed": f.data_seed}
+                seeds.append({**base, "phase": "seed", "train": train,
+                              "key": f"findings/{name}/{mixer}/best/seed={seed}"})
+    return tune + seeds
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """b over a, one level into dict values (mixer_args: {window: {...}} merges per mixer)."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 def _check_model(suite: str, case: dict) -> None:

@@ -67,9 +67,14 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool = False, progress: bool = True,
-              command: str = "") -> Path:
+              command: str = "", jobs: int = 1) -> Path:
+    """Run the suite's unfinished cases; ``jobs`` > 1 runs training cases that many at a time
+    (each in its own process with cores // jobs threads unless the suite sets threads), while
+    timing cases (speed, decode) always run alone. Rows are appended as cases finish."""
     from zoo.suite import cases
 
+    if jobs < 1:
+        raise ZooConfigError(f"--jobs must be >= 1, got {jobs}")
     i, n = parse_shard(shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
@@ -87,23 +92,74 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
         return (row is not None and row.get("case") == json.loads(json.dumps(c))
                 and (row.get("status") == "ok" or not retry_failed))
 
-    skip = {c["key"] for c in todo if finished(c)}
+    pending = [c for c in todo if not finished(c)]
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), initial=len(skip), disable=not progress, unit="case", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), initial=len(todo) - len(pending), disable=not progress, unit="case",
+                   dynamic_ncols=True)
     except ImportError:  # pragma: no cover
         bar = None
-    for case in todo:
-        if case["key"] in skip:
-            continue
-        if bar is not None:
-            bar.set_description(case["key"])
-        row = run_isolated(case, suite.timeout)
+    cores = os.cpu_count() or 1
+
+    def record(case: dict, row: dict) -> None:
         row.update(suite=suite.name, command=command)
         append_row(results, row)
+        done[case["key"]] = row
         if bar is not None:
+            bar.set_description(case["key"])
             bar.set_postfix_str(row["status"])
             bar.update(1)
+
+    def start(case: dict, parallel: int) -> tuple[dict, dict | None]:
+        """The case as it will run (threads set, lr resolved), or an error row."""
+        run = dict(case)
+        if not run.get("threads"):
+            run["threads"] = max(1, cores // parallel)
+        if case.get("phase") == "seed":  # the findings protocol: the lr the tune runs chose
+            merged = {r["key"]: r for f in sorted(out_dir.glob("results*.jsonl")) for r in read_rows(f)}
+            try:
+                run = resolve_best_lr(run, list(merged.values()))
+            except ZooConfigError as e:
+                return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
+        return run, None
+
+    def finish(case: dict, run: dict, row: dict) -> dict:
+        row["case"] = case  # as the suite states it (resume compares this)
+        row["threads"] = run["threads"]
+        if case.get("kind") == "findings":
+            row["lr"] = run["train"]["lr"]
+        return row
+
+    timing = [c for c in pending if c["kind"] in ("speed", "decode")]
+    training = [c for c in pending if c["kind"] not in ("speed", "decode")]
+    for case in timing:  # alone on the machine: nothing else runs while they are timed
+        run, error = start(case, 1)
+        record(case, error or finish(case, run, run_isolated(run, suite.timeout)))
+    if training:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        def blocked(c: dict) -> bool:  # a seed case waits for the tune cases of its mixer and setting
+            if c.get("phase") != "seed":
+                return False
+            prefix = f"findings/{c['setting']}/{c['mixer']}/lr="
+            return any(o["key"].startswith(prefix) for o in waiting + [c for c, _ in running.values()])
+
+        waiting, running = list(training), {}
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the case processes
+            while waiting or running:
+                for c in [c for c in waiting if not blocked(c)][: jobs - len(running)]:
+                    waiting.remove(c)
+                    run, error = start(c, jobs)
+                    if error:
+                        record(c, error)
+                        continue
+                    running[pool.submit(run_isolated, run, suite.timeout)] = (c, run)
+                if not running:
+                    continue
+                finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    c, run = running.pop(fut)
+                    record(c, finish(c, run, fut.result()))
     if bar is not None:
         bar.close()
     return results
@@ -144,7 +200,7 @@ def execute(case: dict) -> dict:
         result = measure.measure_speed(case)
     elif kind == "decode":
         result = measure.measure_decode(case)
-    elif kind in ("quality", "extrapolation"):
+    elif kind in ("quality", "extrapolation", "findings"):
         result = _train_case(case)
     else:
         raise ZooConfigError(f"unknown case kind {kind!r}")
@@ -169,10 +225,50 @@ def _train_case(case: dict) -> dict:
         cfg = from_dict(Config, {"model": model, "task": {"name": case["task"], "args": case.get("task_args", {})},
                                  "train": train})
         out = fit(cfg)
-        rows = csv.DictReader(open(Path(out["run_dir"]) / "metrics.csv"))
+        rows = list(csv.DictReader(open(Path(out["run_dir"]) / "metrics.csv")))
         curve = [[int(r["step"]), float(r["train/loss"])] for r in rows if r.get("train/loss")]
-    return {"metrics": out["metrics"], "params": out["params"], "steps": out["steps"],
-            "train_seconds": out["train_seconds"], "loss_curve": curve}
+        val = [[int(r["step"]) + 1, float(r["val/accuracy"])] for r in rows if r.get("val/accuracy")]
+        val_loss = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    result = {"metrics": out["metrics"], "params": out["params"], "steps": out["steps"],
+              "train_seconds": out["train_seconds"], "loss_curve": curve, "val_curve": val,
+              "val_loss": val_loss[-1] if val_loss else None}
+    if case["kind"] == "findings":
+        result["state_bytes"] = _state_bytes(cfg)
+    return result
+
+
+def _state_bytes(cfg) -> int | None:
+    """Bytes of the model's decode state after one sequence of the task's length (batch 1), or
+    None when a mixer cannot decode: the state-size axis of the findings plots."""
+    import torch
+
+    from zoo.contract import state_nbytes
+    from zoo.model import build_model
+    from zoo.train import resolve
+
+    resolved, task = resolve(cfg)
+    model = build_model(resolved.model).eval()
+    try:
+        state = model.init_state(1)
+        with torch.no_grad():
+            for _ in range(task.seq_len):
+                _, state = model.step(torch.zeros(1, dtype=torch.long), state)
+    except ZooConfigError:
+        return None
+    return state_nbytes(state[1:])  # the mixers' states (not the position counter)
+
+
+def resolve_best_lr(case: dict, rows: list[dict]) -> dict:
+    """A seed case of the findings protocol with lr 'best' replaced by the tune runs' choice."""
+    from zoo.findings import choose_lr
+
+    prefix = f"findings/{case['setting']}/{case['mixer']}/lr="
+    tune = [r for r in rows if r["key"].startswith(prefix) and r.get("case", {}).get("phase") == "tune"]
+    lr = choose_lr(tune)
+    if lr is None:
+        raise ZooConfigError(f"{case['key']}: no finished tune run of {case['mixer']} on {case['setting']} to choose "
+                             "the learning rate from (tune cases run first; rerun the suite)")
+    return {**case, "train": {**case["train"], "lr": lr}}
 
 
 def main() -> None:  # the child side: python -m zoo.sweep CASE_JSON

@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from zoo.config import Config, ModelConfig, dump_config, from_dict, to_dict
 from zoo.errors import ZooConfigError, ZooDiverged
 from zoo.measure import environment
-from zoo.model import build_model
+from zoo.model import build_model, resolve_position
 from zoo.registry import default_registry
 from zoo.tasks.base import IGNORE, Task
 
@@ -154,7 +154,8 @@ class StopOnNonFinite(cb.Callback):
 def resolve(cfg: Config) -> tuple[Config, Task]:
     """The task, and the config with the model fitted to it; every error before training."""
     reg = default_registry()
-    task = reg.build_task(cfg.task.name, batch_size=cfg.train.batch_size, seed=cfg.train.seed, **cfg.task.args)
+    data_seed = cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
+    task = reg.build_task(cfg.task.name, batch_size=cfg.train.batch_size, seed=data_seed, **cfg.task.args)
     over = task.model_overrides()
     defaults = ModelConfig()
     model = to_dict(cfg.model)
@@ -163,6 +164,7 @@ def resolve(cfg: Config) -> tuple[Config, Task]:
             raise ZooConfigError(f"model.{key}={model[key]!r} conflicts with task {cfg.task.name!r}, which needs "
                                  f"{key}={over[key]!r}")
     model.update(over)
+    model["position"] = resolve_position(from_dict(ModelConfig, model, "model"))
     cfg = Config(model=from_dict(ModelConfig, model, "model"), task=cfg.task, train=cfg.train)
     try:
         net = build_model(cfg.model)
@@ -201,6 +203,9 @@ def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
     ]
     if t.early_stop_patience:
         callbacks.append(cb.EarlyStopping(monitor="val/loss", patience=t.early_stop_patience))
+    if t.stop_at:  # Zoology's rule: done once validation accuracy reaches the target
+        callbacks.append(cb.EarlyStopping(monitor="val/accuracy", mode="max", stopping_threshold=t.stop_at,
+                                          patience=10**9, check_on_train_epoch_end=False))
     loggers = [CSVLogger(run_dir, name="", version="")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         from lightning.pytorch.loggers import TensorBoardLogger

@@ -77,6 +77,11 @@ class Task(L.LightningDataModule):
     def n_classes(self) -> int:
         return 0
 
+    @property
+    def chance(self) -> float:
+        """Test accuracy of a model that knows the answer's alphabet but nothing else."""
+        return 1.0 / (self.n_classes or self.vocab_size)
+
     def generate(self, n: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -27,6 +27,10 @@ class Induction(Task):
     def vocab_size(self) -> int:
         return self.vocab
 
+    @property
+    def chance(self) -> float:
+        return 1.0 / (self.vocab - 2)  # the recalled token is one of 1..vocab-2
+
     def generate(self, n: int, seed: int, split: str, length: int | None = None):
         T = length or self.seq_len
         g = torch.Generator().manual_seed(seed)

@@ -36,6 +36,10 @@ class MQAR(Task):
     def vocab_size(self) -> int:
         return self.vocab
 
+    @property
+    def chance(self) -> float:
+        return 1.0 / (self.vocab - 1 - self.n_keys)  # values come from the upper half
+
     def generate(self, n: int, seed: int, split: str):
         g = torch.Generator().manual_seed(seed)
         N, T = self.n_pairs, self.seq_len

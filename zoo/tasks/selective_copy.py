@@ -28,6 +28,10 @@ class SelectiveCopy(Task):
     def vocab_size(self) -> int:
         return self.vocab
 
+    @property
+    def chance(self) -> float:
+        return 1.0 / (self.vocab - 3)  # data tokens 1..vocab-3
+
     def generate(self, n: int, seed: int, split: str):
         g = torch.Generator().manual_seed(seed)
         M, T = self.n_tokens, self.seq_len

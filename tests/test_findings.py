@@ -1,0 +1,152 @@
+"""The findings protocol on synthetic result rows: lr selection, seed aggregation, flags, ranks,
+claim rules; and end to end on a tiny suite through the sweep with two jobs."""
+
+import json
+import math
+
+import pytest
+
+import zoo
+from zoo import findings as fd
+
+
+def row(setting, mixer, lr, seed, acc, *, phase=None, val=None, status="ok", chosen=None, metric="test/accuracy",
+        stop_at=0.99, chance=0.1):
+    phase = phase or ("tune" if chosen is None else "seed")
+    case = {"kind": "findings", "setting": setting, "mixer": mixer, "phase": phase, "chance": chance,
+            "task": "mqar", "task_args": {}, "model": {},
+            "train": {"lr": lr if phase == "tune" else "best", "seed": seed, "stop_at": stop_at, "data_seed": 0}}
+    r = {"key": f"findings/{setting}/{mixer}/{phase}/{lr}/{seed}", "case": case, "status": status}
+    if status == "ok":
+        r["result"] = {"metrics": {metric: acc}, "val_curve": val or [[100, acc], [200, acc]], "val_loss": 1 - acc}
+    if phase == "seed":
+        r["lr"] = chosen
+    return r
+
+
+def test_lr_is_chosen_on_validation_and_seeds_aggregate_with_a_t_interval():
+    rows = [row("s", "m", 1e-3, 0, 0.50, val=[[100, 0.4], [200, 0.60]]),
+            row("s", "m", 3e-3, 0, 0.90, val=[[100, 0.4], [200, 0.55]]),  # better on test, worse on val
+            row("s", "m", 1e-3, 1, 0.70, chosen=1e-3), row("s", "m", 1e-3, 2, 0.60, chosen=1e-3),
+            row("s", "m", 3e-3, 3, 0.99, chosen=3e-3)]  # a stale seed run made with another choice
+    (s,) = fd.summarize(rows)
+    assert s.lr == 1e-3 and s.values == [0.50, 0.70, 0.60] and s.stale == 1
+    assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1)
+    lo, hi = s.ci
+    assert hi - s.mean == pytest.approx(4.303 * 0.1 / math.sqrt(3))  # t(0.975, 2 dof)
+    assert s.grid == {1e-3: 0.60, 3e-3: 0.55}
+
+
+def test_flags_converged_still_improving_diverged_and_at_chance():
+    conv = row("s", "a", 1e-3, 0, 0.99, val=[[100, 0.5], [200, 0.995]])
+    rising = row("s", "b", 1e-3, 0, 0.40, val=[[100, 0.1], [200, 0.2], [300, 0.3], [400, 0.40]])
+    flat = row("s", "c", 1e-3, 0, 0.40, val=[[100, 0.1], [200, 0.39], [300, 0.40], [400, 0.40]])
+    assert fd.run_flags(conv, 0.99) == {"converged": True, "still_improving": False}
+    assert fd.run_flags(rising, 0.99) == {"converged": False, "still_improving": True}
+    assert fd.run_flags(flat, 0.99) == {"converged": False, "still_improving": False}
+    assert fd.run_flags(row("s", "d", 1e-3, 0, 0, status="diverged"), 0.99) == {"diverged": True}
+    chance = [row("s", "e", 1e-3, 0, 0.11), row("s", "e", 1e-3, 1, 0.10, chosen=1e-3),
+              row("s", "e", 1e-3, 2, 0.105, chosen=1e-3), row("s", "e", 1e-2, 0, 0, status="diverged")]
+    (s,) = fd.summarize(chance)
+    assert s.at_chance and "AT CHANCE" in s.flag_text()
+    above = [row("s", "f", 1e-3, k, 0.5 + 0.01 * k, chosen=None if k == 0 else 1e-3) for k in range(3)]
+    assert not fd.summarize(above)[0].at_chance
+
+
+def test_ranking_shares_ranks_when_intervals_overlap():
+    rows = []
+    for mixer, accs in (("a", [0.90, 0.91, 0.92]), ("b", [0.88, 0.93, 0.90]), ("c", [0.30, 0.31, 0.32])):
+        rows += [row("s", mixer, 1e-3, k, acc, chosen=None if k == 0 else 1e-3) for k, acc in enumerate(accs)]
+    ranks = {s.mixer: r for s, r in fd.ranking(fd.summarize(rows))}
+    assert ranks == {"a": "1-2", "b": "1-2", "c": "3"}
+
+
+def claim(**rule):
+    return fd.Claim("c", "a claim", "a paper", rule)
+
+
+def three(setting, mixer, accs, improving=False, metric="test/accuracy"):
+    val = [[100, 0.1], [200, 0.5]] if improving else None
+    return [row(setting, mixer, 1e-3, k, a, chosen=None if k == 0 else 1e-3, val=val, metric=metric)
+            for k, a in enumerate(accs)]
+
+
+def test_claim_rules_reproduced_not_reproduced_inconclusive():
+    rows = three("p4", "attn", [0.99, 0.98, 1.0]) + three("p16", "attn", [0.97, 0.96, 0.99])
+    rows += three("p4", "ssm", [0.9, 0.92, 0.91]) + three("p16", "ssm", [0.4, 0.45, 0.5])
+    rows += three("p4", "slow", [0.6, 0.62, 0.61], improving=True)
+    at_least = claim(kind="at_least", mixer="attn", settings=["p4", "p16"], value=0.95)
+    assert fd.evaluate(at_least, rows)[0] == fd.REPRODUCED
+    assert fd.evaluate(claim(kind="at_least", mixer="ssm", settings=["p4", "p16"], value=0.95), rows)[0] == fd.NOT_REPRODUCED
+    assert fd.evaluate(claim(kind="at_least", mixer="slow", settings=["p4"], value=0.95), rows)[0] == fd.INCONCLUSIVE
+    verdict, ours = fd.evaluate(claim(kind="at_least", mixer="nope", settings=["p4"], value=0.95), rows)
+    assert verdict == fd.INCONCLUSIVE and "no finished runs of nope" in ours
+    assert fd.evaluate(claim(kind="decreases", mixers=["ssm"], settings=["p4", "p16"], by=0.1), rows)[0] == fd.REPRODUCED
+    assert fd.evaluate(claim(kind="decreases", mixers=["attn"], settings=["p4", "p16"], by=0.1), rows)[0] == fd.NOT_REPRODUCED
+    assert fd.evaluate(claim(kind="higher", mixer="attn", other="ssm", setting="p16", by=0.2), rows)[0] == fd.REPRODUCED
+    assert fd.evaluate(claim(kind="higher", mixer="ssm", other="attn", setting="p16", by=0.2), rows)[0] == fd.NOT_REPRODUCED
+    ext = three("ind", "attn", [0.2, 0.25, 0.3], metric="test@256/accuracy")
+    assert fd.evaluate(claim(kind="at_most", mixer="attn", settings=["ind"], metric="test@256/accuracy", value=0.5),
+                       ext)[0] == fd.REPRODUCED
+    single = [row("p4", "one", 1e-3, 0, 0.99)]  # above the bar, but one run is no verdict
+    assert fd.evaluate(claim(kind="at_least", mixer="one", settings=["p4"], value=0.95), single)[0] == fd.INCONCLUSIVE
+
+
+def test_claims_file_is_checked(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("claims:\n  x: {claim: c, source: s, rule: {kind: bigger}}\n")
+    with pytest.raises(zoo.ZooConfigError, match=r"unknown rule kind 'bigger'.*Allowed: at_least, at_most, decreases, higher"):
+        fd.load_claims(p)
+    from zoo.suite import SUITES_DIR
+
+    assert len(fd.load_claims(SUITES_DIR / "claims.yaml")) >= 8
+
+
+TINY = """
+timeout: 600
+findings:
+  claims: claims.yaml
+  mixers: [softmax, linear]
+  lrs: [1.0e-3, 3.0e-3]
+  seeds: [0, 1]
+  model: {d_model: 32, n_layers: 1}
+  train: {max_steps: 30, batch_size: 16, warmup_steps: 5, val_every: 15, stop_at: 0.99}
+  settings:
+    p1: {task: mqar, args: {vocab: 16, seq_len: 16, n_pairs: 1, train_size: 0, test_size: 32}}
+"""
+
+
+def test_a_findings_suite_runs_with_two_jobs_and_reports(tmp_path):
+    from zoo.cli import main
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY)
+    assert main(["bench", str(suite), "--out", str(tmp_path / "out"), "--jobs", "2", "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert all(r["threads"] == 1 for r in rows)
+    tune = {(r["case"]["mixer"], r["case"]["train"]["lr"]): r for r in rows if r["case"]["phase"] == "tune"}
+    for r in rows:
+        if r["case"]["phase"] == "seed":  # ran with the lr its tune runs chose, after them
+            mixer = r["case"]["mixer"]
+            assert r["lr"] == fd.choose_lr([t for (m, _), t in tune.items() if m == mixer])
+            assert r["case"]["train"]["lr"] == "best"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Findings" in report and "| rank | mixer | lr | runs |" in report and "### Published claims" in report
+    assert "inconclusive" in report  # two seeds and a tiny budget decide nothing
+    # a rerun finds every case done
+    assert main(["bench", str(suite), "--out", str(tmp_path / "out"), "--jobs", "2", "--no-progress"]) == 0
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_findings_suite_errors(tmp_path):
+    from zoo.suite import cases, load_suite
+
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY.replace("train: {max_steps: 30,", "train: {lr: 0.1, max_steps: 30,"))
+    with pytest.raises(zoo.ZooConfigError, match=r"findings sets train.lr itself"):
+        load_suite(str(p))
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: []"))
+    with pytest.raises(zoo.ZooConfigError, match=r"findings needs settings, lrs and seeds"):
+        load_suite(str(p))
+    assert len(cases(load_suite("findings"))) > 0

@@ -1,0 +1,308 @@
+"""The findings protocol: a quality verdict is a distribution over tuned runs, not one run.
+
+For every mixer x task setting of a ``findings`` suite:
+  1. tune: one run per learning rate of the grid (init seed = the first seed), chosen on the
+     final validation accuracy (ties: lower validation loss);
+  2. seeds: the chosen learning rate rerun with the other init seeds (the data seed is fixed,
+     so every run of every mixer sees the same validation and test sets; training batches are
+     fresh every step);
+  3. aggregate: mean, standard deviation and a 95 % interval (Student t) of the test accuracy,
+     with flags: converged (reached the validation target, early-stopped), still improving
+     (validation accuracy rose by more than ``IMPROVING`` over the last quarter of the run, and
+     it did not converge), at chance (the mean is within a margin of the task's chance level),
+     diverged (non-finite loss).
+  4. claims: published results, each with its source, the settings that test it and a pass
+     rule, evaluated on the aggregates: reproduced / not reproduced / inconclusive, with numbers.
+
+Everything here is pure (rows in, tables out) so that tests exercise it on synthetic rows.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoo.errors import ZooConfigError, unknown
+
+IMPROVING = 0.02  # rise in validation accuracy over the last quarter of a run that flags "still improving"
+CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors) is "at chance"
+
+# two-sided 95 % Student t quantiles by degrees of freedom (n - 1)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(dof: int) -> float:
+    if dof < 1:
+        return math.nan
+    if dof in _T95:
+        return _T95[dof]
+    below = max(k for k in _T95 if k <= dof) if dof < 30 else 30
+    return _T95[below] if dof < 30 else 1.96 + (_T95[30] - 1.96) * 30 / dof
+
+
+@dataclass
+class Summary:
+    """The aggregate of one mixer on one setting."""
+
+    setting: str
+    mixer: str
+    lr: float | None
+    values: list[float]
+    chance: float
+    flags: dict[str, int] = field(default_factory=dict)  # flag -> number of runs with it
+    state_bytes: int | None = None
+    grid: dict[float, float] = field(default_factory=dict)  # lr -> validation accuracy of its tune run
+    stale: int = 0  # seed runs made with another lr than today's choice (left out)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else math.nan
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """95 % interval of the mean (Student t); a single run has none."""
+        if self.n < 2:
+            return (math.nan, math.nan)
+        half = t95(self.n - 1) * self.std / math.sqrt(self.n)
+        return (self.mean - half, self.mean + half)
+
+    @property
+    def at_chance(self) -> bool:
+        if not self.values:
+            return False
+        se = self.std / math.sqrt(self.n) if self.n > 1 else 0.0
+        return self.mean <= self.chance + max(CHANCE_MARGIN, 2 * se)
+
+    def flag_text(self) -> str:
+        parts = [f"{k} {v}/{self.n_runs}" for k, v in sorted(self.flags.items()) if v]
+        if self.at_chance:
+            parts.append("AT CHANCE")
+        if self.stale:
+            parts.append(f"{self.stale} stale seed run(s) left out")
+        return ", ".join(parts) or "-"
+
+    @property
+    def n_runs(self) -> int:
+        return self.n + self.flags.get("diverged", 0) + self.flags.get("failed", 0)
+
+
+def run_flags(row: dict, target: float) -> dict[str, bool]:
+    """Flags of one finished run: converged, still improving, diverged, failed."""
+    status = row.get("status")
+    if status == "diverged":
+        return {"diverged": True}
+    if status != "ok":
+        return {"failed": True}
+    curve = row["result"].get("val_curve") or []
+    last = curve[-1][1] if curve else math.nan
+    converged = bool(target) and last >= target
+    improving = False
+    if len(curve) >= 2 and not converged:
+        end = curve[-1][0]
+        earlier = [acc for step, acc in curve if step <= end - 0.25 * end] or [curve[0][1]]
+        improving = last - earlier[-1] > IMPROVING
+    return {"converged": converged, "still_improving": improving}
+
+
+def val_score(row: dict) -> tuple[float, float]:
+    """What a tune run is chosen by: (final validation accuracy, -final validation loss)."""
+    if row.get("status") != "ok":
+        return (-math.inf, -math.inf)
+    r = row["result"]
+    curve = r.get("val_curve") or []
+    acc = curve[-1][1] if curve else r["metrics"].get("val/accuracy", -math.inf)
+    return (acc, -r.get("val_loss", math.inf))
+
+
+def choose_lr(tune_rows: list[dict]) -> float | None:
+    """The learning rate of the best tune run by validation, or None when none finished."""
+    ok = [r for r in tune_rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    return max(ok, key=val_score)["case"]["train"]["lr"]
+
+
+def metric_of(metrics: dict, metric: str) -> float:
+    """``metric`` from a run's metrics; ``test/accuracy`` of a task with several test sets (e.g.
+    induction's test@64, test@256) is that of the first, the training length."""
+    if metric in metrics:
+        return metrics[metric]
+    if metric == "test/accuracy":
+        tests = sorted((k for k in metrics if k.startswith("test@") and k.endswith("/accuracy")),
+                       key=lambda k: int(k.split("@")[1].split("/")[0]))
+        if tests:
+            return metrics[tests[0]]
+    return math.nan
+
+
+def findings_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("case", {}).get("kind") == "findings"]
+
+
+def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
+    """One Summary per (setting, mixer) from the rows of a findings suite."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in findings_rows(rows):
+        groups.setdefault((r["case"]["setting"], r["case"]["mixer"]), []).append(r)
+    out = []
+    for (setting, mixer), rs in sorted(groups.items()):
+        tune = [r for r in rs if r["case"]["phase"] == "tune"]
+        lr = choose_lr(tune)
+        case = rs[0]["case"]
+        chosen = [r for r in tune if r["case"]["train"]["lr"] == lr]
+        seeds = [r for r in rs if r["case"]["phase"] == "seed"]
+        current = [r for r in seeds if r.get("lr") == lr]
+        runs = chosen + current
+        s = Summary(setting, mixer, lr, [], chance=case.get("chance", 0.0), stale=len(seeds) - len(current),
+                    grid={r["case"]["train"]["lr"]: val_score(r)[0] for r in tune})
+        target = case["train"].get("stop_at", 0.0)
+        for r in runs:
+            for k, v in run_flags(r, target).items():
+                s.flags[k] = s.flags.get(k, 0) + int(v)
+            if r.get("status") == "ok":
+                s.values.append(metric_of(r["result"]["metrics"], metric))
+                s.state_bytes = r["result"].get("state_bytes", s.state_bytes)
+        out.append(s)
+    return out
+
+
+def ranking(summaries: list[Summary]) -> list[tuple[Summary, str]]:
+    """Summaries of one setting best first, each with its rank; mixers whose 95 % intervals
+    overlap share a rank range ('1-2'), so no order is claimed between them."""
+    ordered = sorted(summaries, key=lambda s: -s.mean if s.values else math.inf)
+    out = []
+    for i, s in enumerate(ordered):
+        lo, hi = s.ci if s.n > 1 else (s.mean, s.mean)
+        tied = [j for j, o in enumerate(ordered) if o.values and _overlap((lo, hi), o.ci if o.n > 1 else (o.mean,) * 2)]
+        first, last = (min(tied), max(tied)) if tied else (i, i)
+        out.append((s, f"{first + 1}" if first == last else f"{first + 1}-{last + 1}"))
+    return out
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    if any(math.isnan(v) for v in (*a, *b)):
+        return False
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+# -- claims ----------------------------------------------------------------------------------------
+RULES = ("at_least", "at_most", "decreases", "higher")
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+
+@dataclass
+class Claim:
+    name: str
+    claim: str
+    source: str
+    rule: dict[str, Any]
+
+
+def load_claims(path: str | Path) -> list[Claim]:
+    path = Path(path)
+    if not path.is_file():
+        raise ZooConfigError(f"findings.claims: no claims file at {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    out = []
+    for name, c in (data.get("claims") or {}).items():
+        where = f"claim {name!r} in {path.name}"
+        if not isinstance(c, dict) or {"claim", "source", "rule"} - c.keys():
+            raise ZooConfigError(f"{where}: needs 'claim', 'source' and 'rule'")
+        kind = c["rule"].get("kind")
+        if kind not in RULES:
+            raise unknown("rule kind", kind, RULES, where)
+        out.append(Claim(name, c["claim"], c["source"], dict(c["rule"])))
+    return out
+
+
+def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
+    """(verdict, our numbers) for one claim, on the metric its rule names (default test
+    accuracy). A missing mixer or setting, fewer than 3 runs, or a run still improving where
+    more budget could change the verdict make it inconclusive."""
+    rule = dict(claim.rule)
+    kind = rule.pop("kind")
+    metric = rule.pop("metric", "test/accuracy")
+    by = {(s.setting, s.mixer): s for s in summarize(rows, metric)}
+
+    def get(setting: str, mixer: str) -> Summary | None:
+        s = by.get((setting, mixer))
+        return s if s is not None and s.values else None
+
+    def txt(s: Summary) -> str:
+        lo, hi = s.ci
+        ci = f" [{lo:.3f}, {hi:.3f}]" if s.n > 1 else ""
+        return f"{s.mixer} @ {s.setting}: {s.mean:.3f}{ci} (n={s.n})"
+
+    if kind in ("at_least", "at_most"):
+        v = float(rule["value"])
+        parts, verdicts = [], []
+        for setting in _list(rule.get("settings") or rule.get("setting")):
+            s = get(setting, rule["mixer"])
+            if s is None:
+                return INCONCLUSIVE, f"no finished runs of {rule['mixer']} @ {setting}"
+            parts.append(txt(s))
+            good = s.mean >= v if kind == "at_least" else s.mean <= v
+            improving = s.flags.get("still_improving", 0) > 0
+            if good:
+                verdicts.append(REPRODUCED if s.n >= 3 else INCONCLUSIVE)
+            elif improving and kind == "at_least":
+                verdicts.append(INCONCLUSIVE)
+            else:
+                verdicts.append(NOT_REPRODUCED)
+        return _combine(verdicts), "; ".join(parts) + f" (rule: mean {'>=' if kind == 'at_least' else '<='} {v})"
+    if kind == "decreases":  # accuracy falls from the first to the last setting by at least `by`
+        settings = _list(rule["settings"])
+        parts, verdicts = [], []
+        for mixer in _list(rule.get("mixers") or rule.get("mixer")):
+            first, last = get(settings[0], mixer), get(settings[-1], mixer)
+            if first is None or last is None:
+                return INCONCLUSIVE, f"no finished runs of {mixer} at {settings[0]} or {settings[-1]}"
+            drop = first.mean - last.mean
+            parts.append(f"{mixer}: {first.mean:.3f} -> {last.mean:.3f} (drop {drop:+.3f})")
+            separated = not _overlap(first.ci, last.ci) if first.n > 1 and last.n > 1 else False
+            if drop >= float(rule.get("by", 0.0)) and separated:
+                verdicts.append(REPRODUCED)
+            elif drop < float(rule.get("by", 0.0)) and (first.n >= 3 and last.n >= 3):
+                verdicts.append(NOT_REPRODUCED)
+            else:
+                verdicts.append(INCONCLUSIVE)
+        return _combine(verdicts), "; ".join(parts) + f" (rule: drop >= {rule.get('by', 0.0)}, intervals apart)"
+    if kind == "higher":  # mixer beats other by at least `by` on the setting, intervals apart
+        s, o = get(rule["setting"], rule["mixer"]), get(rule["setting"], rule["other"])
+        if s is None or o is None:
+            missing = rule["mixer"] if s is None else rule["other"]
+            return INCONCLUSIVE, f"no finished runs of {missing} @ {rule['setting']}"
+        gap = s.mean - o.mean
+        text = f"{txt(s)} vs {txt(o)} (rule: higher by >= {rule.get('by', 0.0)}, intervals apart)"
+        if gap >= float(rule.get("by", 0.0)) and s.n > 1 and o.n > 1 and not _overlap(s.ci, o.ci):
+            return REPRODUCED, text
+        if gap < 0 and s.n >= 3 and o.n >= 3 and not _overlap(s.ci, o.ci):
+            return NOT_REPRODUCED, text
+        return INCONCLUSIVE, text
+    raise ZooConfigError(f"claim {claim.name!r}: rule kind {kind!r} is not evaluated on findings rows")
+
+
+def _list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _combine(verdicts: list[str]) -> str:
+    if NOT_REPRODUCED in verdicts:
+        return NOT_REPRODUCED
+    if INCONCLUSIVE in verdicts or not verdicts:
+        return INCONCLUSIVE
+    return REPRODUCED
