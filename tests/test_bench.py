@@ -183,3 +183,44 @@ def test_loglog_slope_recovers_the_exponent_and_needs_two_lengths():
     xs = [256, 1024, 4096]
     assert loglog_slope(xs, [3 * x**1.5 for x in xs]) == pytest.approx(1.5)
     assert math.isnan(loglog_slope([1024, 1024], [1.0, 2.0]))
+
+
+def test_a_second_sweep_into_a_live_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from zoo.errors import ZooConfigError
+    from zoo.sweep import SweepLock
+
+    results = tmp_path / "results.jsonl"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "results.jsonl.lock").write_text(str(owner.pid))
+        with pytest.raises(ZooConfigError, match=rf"being written by another zoo bench \(pid {owner.pid}"):
+            SweepLock(results).__enter__()
+    finally:
+        owner.kill()
+        owner.wait()
+    with SweepLock(results):  # the owner is gone: its lock is stale and taken over
+        assert (tmp_path / "results.jsonl.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "results.jsonl.lock").exists()
+
+
+def test_unreadable_lines_are_skipped_counted_and_reported(tmp_path):
+    from zoo.report import SKIPPED, collect, write_report
+
+    good = {"key": "decode/x/T=1", "status": "ok", "case": {"kind": "decode", "mixer": "x", "context": 1},
+            "result": {"seconds_per_token": 1e-4, "state_bytes": 8}, "env": {"torch": "x"}}
+    (tmp_path / "results.jsonl").write_bytes(json.dumps(good).encode() + b"\n\xff\xfe not utf-8\n{\"no\": \"key\"}\n")
+    SKIPPED.clear()
+    rows = collect([tmp_path])
+    assert [r["key"] for r in rows] == ["decode/x/T=1"] and SKIPPED == ["results.jsonl:2", "results.jsonl:3"]
+    report = write_report(rows, tmp_path).read_text()
+    assert "2 unreadable line(s) in the results were skipped" in report
+
+
+def test_results_path_that_is_a_folder_is_an_error_before_any_case(tmp_path):
+    from zoo.cli import main
+
+    (tmp_path / "out" / "results.jsonl").mkdir(parents=True)
+    assert main(["bench", "decode", "--out", str(tmp_path / "out"), "--no-progress"]) == 2

@@ -21,9 +21,12 @@ def collect(paths: list[str | Path]) -> list[dict]:
         files += sorted(p.glob("results*.jsonl")) if p.is_dir() else [p]
     merged: dict[str, dict] = {}
     for f in files:
-        for row in read_rows(f):
+        for row in read_rows(f, SKIPPED):
             merged[row["key"]] = row
     return [merged[k] for k in sorted(merged)]
+
+
+SKIPPED: list[str] = []  # unreadable lines met by collect() ("file:line"), listed in the report
 
 
 def _ok(rows, kind):
@@ -82,6 +85,8 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
     lines += _speed_section(rows, out_dir)
     lines += _decode_section(rows)
     lines += _extrapolation_section(rows)
+    if SKIPPED:
+        lines += [f"{len(SKIPPED)} unreadable line(s) in the results were skipped: {', '.join(SKIPPED[:20])}", ""]
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["## Cases that did not finish", "", "| case | status | error |", "|---|---|---|"]

@@ -24,20 +24,65 @@ from pathlib import Path
 from zoo.errors import ZooConfigError
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a results file; a torn or malformed line is skipped."""
+def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
+    """Rows of a results file. A torn, malformed or undecodable line (not UTF-8, not JSON, not a
+    row) is skipped, and noted in ``skipped`` ("file:line") when a list is given."""
     rows = []
     path = Path(path)
     if not path.is_file():
         return rows
-    for line in path.read_text().splitlines():
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
         if isinstance(row, dict) and "key" in row:
             rows.append(row)
+        elif raw.strip() and skipped is not None:
+            skipped.append(f"{path.name}:{n}")
     return rows
+
+
+class SweepLock:
+    """One live sweep per results file: ``<results>.lock`` holds the owner's pid; a second sweep
+    into the same file is refused while that process lives, and takes the lock over once it is
+    gone (a killed sweep leaves a stale lock that nobody has to delete)."""
+
+    def __init__(self, results: Path):
+        self.path = results.with_name(results.name + ".lock")
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ZooConfigError(
+                        f"{self.path.parent} is being written by another zoo bench (pid {pid}, lock {self.path.name}); "
+                        "wait for it to finish, or give this run another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return self
+        raise ZooConfigError(f"could not take the sweep lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -71,13 +116,21 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
     """Run the suite's unfinished cases; ``jobs`` > 1 runs training cases that many at a time
     (each in its own process with cores // jobs threads unless the suite sets threads), while
     timing cases (speed, decode) always run alone. Rows are appended as cases finish."""
-    from zoo.suite import cases
-
     if jobs < 1:
         raise ZooConfigError(f"--jobs must be >= 1, got {jobs}")
     i, n = parse_shard(shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
+    if results.exists() and not results.is_file():
+        raise ZooConfigError(f"{results} is not a file; give --out a folder whose {results.name} is a results file")
+    with SweepLock(results):
+        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs)
+
+
+def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_failed: bool, progress: bool,
+                command: str, jobs: int) -> Path:
+    from zoo.suite import cases
+
     if results.is_file() and results.stat().st_size:
         with open(results, "rb") as f:  # a sweep killed mid-write left a torn line: end it
             f.seek(-1, os.SEEK_END)
