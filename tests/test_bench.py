@@ -224,3 +224,23 @@ def test_results_path_that_is_a_folder_is_an_error_before_any_case(tmp_path):
 
     (tmp_path / "out" / "results.jsonl").mkdir(parents=True)
     assert main(["bench", "decode", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+
+
+def test_a_timed_out_case_takes_its_children_with_it(tmp_path):
+    """The case starts a grandchild (as a compile starts ninja) and hangs; after the timeout
+    neither is left running."""
+    import subprocess
+    import sys
+    import time
+
+    from zoo.sweep import run_isolated
+
+    pidfile = tmp_path / "child.pid"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    row = run_isolated({"key": "k"}, timeout=3, argv=[sys.executable, "-c", script])
+    assert row["status"] == "timeout"
+    pid = int(pidfile.read_text())
+    time.sleep(0.2)
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    assert state in ("", "Z"), f"the grandchild {pid} still runs ({state})"

@@ -183,6 +183,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             row["lr"] = run["train"]["lr"]
         return row
 
+    _prepare(pending)
     timing = [c for c in pending if c["kind"] in ("speed", "decode")]
     training = [c for c in pending if c["kind"] not in ("speed", "decode")]
     for case in timing:  # alone on the machine: nothing else runs while they are timed
@@ -218,25 +219,62 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     return results
 
 
-def run_isolated(case: dict, timeout: int) -> dict:
-    """One case in a fresh interpreter; never raises."""
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
+    """Linux: the case process gets SIGKILL when the sweep that started it dies (kill -9
+    included), so no orphan competes with a resumed sweep."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def run_isolated(case: dict, timeout: int, argv: list[str] | None = None) -> dict:
+    """One case in a fresh interpreter, in its own process group; never raises. A case past its
+    timeout is killed with everything it started (a compiler, ninja), not only the interpreter.
+    ``argv`` replaces the command (tests)."""
+    import signal
+
     start = time.perf_counter()
     base = {"key": case["key"], "case": case}
+    argv = argv or [sys.executable, "-m", "zoo.sweep", json.dumps(case)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        r = subprocess.run([sys.executable, "-m", "zoo.sweep", json.dumps(case)], capture_output=True, text=True,
-                           timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {**base, "status": "timeout", "error": f"no result within {timeout} s", "wall_s": timeout}
+    finally:
+        if proc.poll() is None:  # interrupted while waiting (Ctrl-C): take the case down too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:  # whatever the case left running in its group (it has exited) goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     wall = time.perf_counter() - start
-    if r.returncode < 0:
-        sig = -r.returncode
+    if proc.returncode < 0:
+        sig = -proc.returncode
         why = " (out of memory?)" if sig == 9 else ""
         return {**base, "status": "killed", "error": f"killed by signal {sig}{why}", "wall_s": wall}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-8:]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (stderr or stdout).strip().splitlines()[-8:]
         return {**base, "status": "error", "error": "\n".join(tail), "wall_s": wall}
     return {**base, **json.loads(lines[-1]), "wall_s": wall}
+
+
+def _prepare(todo: list[dict]) -> None:
+    """Build what cases would otherwise build concurrently, once, here: the mamba C++ kernels
+    (a case killed mid-compile would leave torch's build lock for every later case to wait on)."""
+    if any(c.get("mixer") == "mamba" or "mamba" in json.dumps(c.get("model", {})) for c in todo):
+        from zoo.mixers import selective_scan
+
+        selective_scan.cpp_available()
 
 
 def execute(case: dict) -> dict:
