@@ -161,9 +161,14 @@ def test_bad_suite_files_name_the_field(tmp_path, text, message):
 
 def test_builtin_suites_load_and_quick_shrinks_them():
     assert zoo_main(["bench", "nope", "--no-progress"]) == 2
-    for name in ("default", "speed", "decode", "quality", "extrapolation"):
+    def cost(cs):  # cases, and training steps over the training cases
+        return len(cs), sum(c.get("train", {}).get("max_steps", 0) for c in cs)
+
+    for name in ("default", "speed", "decode", "quality", "extrapolation", "findings"):
         full, quick = cases(load_suite(name)), cases(load_suite(name, quick=True))
-        assert full and quick and len(quick) <= len(full)
+        (n_full, steps_full), (n_quick, steps_quick) = cost(full), cost(quick)
+        assert full and quick and n_quick <= n_full and steps_quick <= steps_full, name
+        assert (n_quick, steps_quick) != (n_full, steps_full), f"--quick changes nothing in {name}"
     assert {c["kind"] for c in cases(load_suite("default"))} == {"speed", "decode", "quality"}
 
 

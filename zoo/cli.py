@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from zoo.errors import ZooConfigError, ZooDiverged
+from zoo.errors import ZooConfigError, ZooDiverged, read_yaml
 from zoo.registry import CHANNEL, ENV_VAR, POSITIONS, SEQUENCE, TASKS, Registry, default_registry
 
 
@@ -72,13 +71,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.resume and not args.config:  # the checkpoint's own config and run folder
         data = checkpoint_config(args.resume)
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ZooConfigError(f"config file {args.config!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ZooConfigError(f"config file {args.config!r} is not valid YAML: {e}") from e
+        data = read_yaml(args.config, "config file") or {}
     cfg = from_dict(Config, apply_overrides(data, args.overrides), where=args.config or "config")
     if args.print_config:
         print(dump_config(resolve(cfg)[0]), end="")

@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import yaml
 
-from zoo.errors import ZooConfigError, unknown
+from zoo.errors import ZooConfigError, read_yaml, unknown
 
 
 @dataclass
@@ -219,14 +219,8 @@ def _type_name(tp: Any) -> str:
 
 def load_config(path: str | Path) -> Config:
     """Read a run config from YAML: sections named as in :class:`Config` (model, task, train)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZooConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ZooConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-    return from_dict(Config, data, where=path.name)
+    data = read_yaml(path, "config file") or {}
+    return from_dict(Config, data, where=Path(path).name)
 
 
 def dump_config(cfg: Any) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 
 class ZooConfigError(ValueError):
@@ -37,3 +39,17 @@ def at_least(what: str, minimum: int, **values: object) -> None:
     if bad:
         got = ", ".join(f"{k}={v!r}" for k, v in bad.items())
         raise ZooConfigError(f"{what} needs {' and '.join(values)} to be integers >= {minimum}; got {got}")
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML of ``path`` (None when empty); a missing file or bad YAML is a
+    ZooConfigError that names ``what`` the file is (config file, suite file, ...)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ZooConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ZooConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from e

@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from zoo.errors import ZooConfigError, unknown
+from zoo.errors import ZooConfigError, read_yaml, unknown
 
 IMPROVING = 0.02  # rise in validation accuracy over the last quarter of a run that flags "still improving"
 CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors) is "at chance"
@@ -214,9 +212,7 @@ class Claim:
 
 def load_claims(path: str | Path) -> list[Claim]:
     path = Path(path)
-    if not path.is_file():
-        raise ZooConfigError(f"findings.claims: no claims file at {str(path)!r}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "claims file") or {}
     out = []
     for name, c in (data.get("claims") or {}).items():
         where = f"claim {name!r} in {path.name}"

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from zoo.config import Config, ModelConfig, from_dict
-from zoo.contract import state_nbytes
 from zoo.errors import ZooConfigError
 from zoo.nn.positions import LearnedPosition, SinusoidalPosition
 from zoo.registry import Registry, accepted_kwargs, default_registry
@@ -212,10 +211,6 @@ class ZooModel(nn.Module):
             x, s = block.step(x, s)
             new.append(s)
         return self.head(self.norm(x)), new
-
-    @staticmethod
-    def state_nbytes(state: list[Any]) -> int:
-        return state_nbytes(state)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

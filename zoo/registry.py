@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
-from zoo.errors import ZooConfigError, unknown
+from zoo.errors import ZooConfigError, read_yaml, unknown
 from zoo.nn.positions import IN_ATTENTION, SCHEMES
 
 PACKAGE_FILE = Path(__file__).with_name("registry.yaml")
@@ -166,13 +165,7 @@ class Registry:
         return reg
 
     def add_file(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise ZooConfigError(f"registry file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ZooConfigError(f"registry file {str(path)!r} is not valid YAML: {e}") from e
+        data = read_yaml(path, "registry file")
         self.add(data or {}, source=str(path))
 
     def add(self, data: dict, source: str = "<dict>") -> None:
@@ -260,6 +253,11 @@ class Registry:
                     f"{where}: lists {sorted(set(e.positions) & set(IN_ATTENTION))} in positions "
                     f"but {e.class_path} takes no 'position' keyword"
                 )
+        stated = getattr(cls, "POSITIONS", None)  # what the class can do; the registry must say the same
+        if e.kind == SEQUENCE and stated is not None and set(stated) != set(e.positions):
+            raise ZooConfigError(
+                f"{where}: positions {list(e.positions)} differ from {e.class_path}.POSITIONS {list(stated)}"
+            )
         declared = getattr(cls, "BACKENDS", None)
         if declared is not None and set(declared) != set(e.backends):
             raise ZooConfigError(

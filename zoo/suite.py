@@ -15,7 +15,7 @@ from typing import Any, Union
 import yaml
 
 from zoo.config import apply_overrides, from_dict
-from zoo.errors import ZooConfigError
+from zoo.errors import ZooConfigError, read_yaml
 from zoo.registry import CHANNEL, SEQUENCE, default_registry
 
 SUITES_DIR = Path(__file__).with_name("suites")
@@ -132,12 +132,7 @@ def load_suite(name_or_path: str, quick: bool = False) -> Suite:
             builtin = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
             from zoo.errors import unknown
             raise unknown("suite", name_or_path, builtin)
-    if not path.is_file():
-        raise ZooConfigError(f"suite file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ZooConfigError(f"suite file {str(path)!r} is not valid YAML: {e}") from e
+    data = read_yaml(path, "suite file") or {}
     if not isinstance(data, dict):
         raise ZooConfigError(f"suite file {str(path)!r} must be a mapping")
     data.setdefault("name", path.stem)

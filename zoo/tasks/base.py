@@ -2,7 +2,7 @@
 
 Targets are -100 (``IGNORE``) wherever nothing is scored, so the loss and the accuracy count the
 scored positions only. A task declares how the model must look (``model_overrides``: vocabulary,
-head, causal, number of classes) and how it is scored (``metrics``).
+head, causal, number of classes) and its chance level (``chance``).
 
 Training batches are a function of (seed, step, rank) alone (``train_batch``): the batch of
 optimizer step s is the same whether the run got there uninterrupted or resumed from a
@@ -52,8 +52,6 @@ class Task(L.LightningDataModule):
     #: "lm": a target per position (IGNORE where unscored); "classify": one label per sequence
     head: ClassVar[str] = "lm"
     causal: ClassVar[bool] = True
-    #: what the report shows: accuracy always; perplexity and bits/char for language modelling
-    metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
 
     def __init__(self, *, seq_len: int, train_size: int, test_size: int, batch_size: int = 32,
                  seed: int = 0, num_workers: int = 0):

@@ -29,8 +29,6 @@ def default_corpus() -> bytes:
 
 
 class Text(Task):
-    metrics = ("accuracy", "perplexity", "bits_per_char")
-
     def __init__(self, *, path: str = "", seq_len: int = 128, holdout: float = 0.1, train_size: int = 4096,
                  test_size: int = 256, **common):
         super().__init__(seq_len=seq_len, train_size=train_size, test_size=test_size, **common)
