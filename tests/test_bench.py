@@ -249,3 +249,27 @@ def test_a_timed_out_case_takes_its_children_with_it(tmp_path):
     time.sleep(0.2)
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
     assert state in ("", "Z"), f"the grandchild {pid} still runs ({state})"
+
+
+def test_environment_names_the_machine():
+    from zoo.measure import environment
+
+    import platform
+
+    env = environment("cpu")
+    if os.path.exists("/proc/cpuinfo"):  # the model name, not the architecture word
+        assert env["cpu"] and env["cpu"] != platform.machine() and env["device_name"] == env["cpu"]
+    assert env["cores"] >= 1 and env["isa"] and env["threads"] >= 1 and "load" in env
+
+
+def test_results_csv_is_written_beside_the_report(tmp_path):
+    import csv
+
+    rows = [{"key": "decode/x/T=1", "status": "ok", "case": {"kind": "decode", "mixer": "x", "context": 1},
+             "result": {"seconds_per_token": 1e-4, "state_bytes": 8}, "env": {"torch": "x"}},
+            {"key": "decode/y/T=1", "status": "error", "error": "boom | with a bar", "case": {"kind": "decode", "mixer": "y"}}]
+    write_report(rows, tmp_path)
+    table = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["key"] for r in table] == ["decode/x/T=1", "decode/y/T=1"]
+    assert table[0]["result.seconds_per_token"] == "0.0001" and table[1]["error"] == "boom | with a bar"
+    assert list(table[0])[:4] == ["key", "status", "case.kind", "case.mixer"]

@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import ctypes.util
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,23 +22,52 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; the platform's word elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
-    """What a result depends on: device, torch, threads, python, platform, git revision."""
+    """What a result depends on: the device by name (the CPU's model, cores, the instruction-set
+    level PyTorch uses; on CUDA the GPU and driver), torch, threads, python,
+    platform, git revision, and the load when it was taken."""
     import platform
     import subprocess
     from pathlib import Path
 
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    env = {"device": device.type}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["driver"] = "unknown"
+    else:
+        env["device_name"] = cpu_model()
+    env["cpu"] = cpu_model()
+    env["cores"] = os.cpu_count()
+    env["isa"] = torch.backends.cpu.get_cpu_capability()
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    return {
-        "device": device.type, "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown",
-    }
+    env.update({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown"})
+    return env
 
 
 def keep_freed_memory() -> str:

@@ -96,6 +96,32 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         lines.append("")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
+    write_csv(rows, out_dir / "results.csv")
+    return path
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """One line per case for pandas users: key, status, the case's settings and the main
+    numbers as flat columns (nested values dotted: case.mixer, result.metrics.test/accuracy)."""
+    import csv
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif not isinstance(v, list):  # curves stay in results.jsonl
+                out[f"{prefix}{k}"] = v
+        return out
+
+    flats = [flat({k: v for k, v in r.items() if k not in ("traceback", "command")}) for r in rows]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    first = [k for k in ("key", "status", "case.kind", "case.mixer") if k in keys]
+    keys = first + [k for k in keys if k not in first]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(flats)
     return path
 
 
@@ -273,9 +299,11 @@ def _quality_section(rows, out_dir):
                          f"{r['result']['steps']} | {r['result']['train_seconds']:.1f} |")
             curve = r["result"].get("loss_curve") or []
             if curve:
-                ax2.plot([c[0] for c in curve], [c[1] for c in curve], label=r["case"]["mixer"])
+                ax2.plot([c[0] for c in curve], [c[1] for c in curve], label=r["case"]["mixer"],
+                         color=mixer_color(r["case"]["mixer"]))
         lines.append("")
-        ax.bar([r["case"]["mixer"] for r in rs], [r["result"]["metrics"].get("test/accuracy", 0) for r in rs])
+        ax.bar([r["case"]["mixer"] for r in rs], [r["result"]["metrics"].get("test/accuracy", 0) for r in rs],
+               color=[mixer_color(r["case"]["mixer"]) for r in rs])
         ax.set_title(f"{task}: test accuracy")
         ax.set_ylim(0, 1)
         ax.tick_params(axis="x", rotation=45)
@@ -314,16 +342,21 @@ def _speed_section(rows, out_dir):
             cross = crossover(t, ref) if ref and sequence and mixer != "softmax" else "-"
             cells = " | ".join(_fmt(t[n]["tokens_per_s"]) if n in t else "-" for n in lengths)
             lines.append(f"| {mixer} | {cells} | {slope:.2f} | {cross} |")
-        key = "saved_bytes" if mode == "forward_backward" else "peak_bytes"
-        what = "bytes saved for backward" if key == "saved_bytes" else "peak memory increase"
-        lines += ["", f"{what} (bytes; memory slope):", "",
-                  "| mixer | " + " | ".join(str(n) for n in lengths) + " | slope |",
-                  "|---|" + "---|" * len(lengths) + "---|"]
-        for mixer, t in sorted(table.items()):
-            ns = [n for n in sorted(t) if t[n].get(key, 0) > 0]
-            slope = loglog_slope(ns, [t[n][key] for n in ns]) if len(ns) > 1 else float("nan")
-            cells = " | ".join(_fmt(t[n].get(key)) if n in t else "-" for n in lengths)
-            lines.append(f"| {mixer} | {cells} | {slope:.2f} |")
+        memory = [("peak_bytes", "peak memory increase of the case's process (CUDA: max_memory_allocated; "
+                   "CPU: VmHWM)")]
+        if mode == "forward_backward":
+            memory.append(("saved_bytes", "bytes saved for backward (exact, machine-free)"))
+        for key, what in memory:
+            lines += ["", f"{what}; B, with the log-log slope over lengths:", "",
+                      "| mixer | " + " | ".join(str(n) for n in lengths) + " | slope |",
+                      "|---|" + "---|" * len(lengths) + "---|"]
+            for mixer, t in sorted(table.items()):
+                ns = [n for n in sorted(t) if (t[n].get(key) or 0) > 0]
+                slope = loglog_slope(ns, [t[n][key] for n in ns]) if len(ns) > 1 else float("nan")
+                cells = " | ".join(_fmt(t[n].get(key), "B") if n in t else "-" for n in lengths)
+                lines.append(f"| {mixer} | {cells} | {slope:.2f} |")
+        key = memory[-1][0]
+        what = "bytes saved for backward (B)" if key == "saved_bytes" else "peak memory increase (B)"
         lines += ["", "forward FLOPs (`FlopCounterMode`: matmuls, convolutions, CUDA attention kernels; not "
                   "elementwise work, scans, or the CPU flash-attention kernel):", "",
                   "| mixer | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
@@ -333,10 +366,10 @@ def _speed_section(rows, out_dir):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for mixer, t in sorted(table.items()):
             ns = sorted(t)
-            a1.plot(ns, [t[n]["seconds"] for n in ns], marker="o", label=mixer)
-            mem = [(n, t[n].get(key, 0)) for n in ns if t[n].get(key, 0) > 0]
+            a1.plot(ns, [t[n]["seconds"] for n in ns], marker="o", label=mixer, color=mixer_color(mixer))
+            mem = [(n, t[n].get(key) or 0) for n in ns if (t[n].get(key) or 0) > 0]
             if mem:
-                a2.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=mixer)
+                a2.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=mixer, color=mixer_color(mixer))
         for ax, title in ((a1, "time per call (s)"), (a2, what)):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
