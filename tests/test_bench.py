@@ -252,9 +252,9 @@ def test_a_timed_out_case_takes_its_children_with_it(tmp_path):
 
 
 def test_environment_names_the_machine():
-    from zoo.measure import environment
-
     import platform
+
+    from zoo.measure import environment
 
     env = environment("cpu")
     if os.path.exists("/proc/cpuinfo"):  # the model name, not the architecture word
