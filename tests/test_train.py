@@ -212,3 +212,15 @@ def test_a_suite_whose_window_covers_the_sequence_is_refused_at_load(tmp_path):
                     "  model: {d_model: 32, mixer_args: {n_heads: 2, bucket_size: 4}}\n")
     with pytest.raises(zoo.ZooConfigError, match=r"mixer 'lsh' is causal in its mask only.*allow_causal_leak"):
         cases(load_suite(str(path)))
+
+
+def test_fit_help_lists_every_key_and_print_config_shows_task_defaults(capsys):
+    with pytest.raises(SystemExit):
+        zoo_main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for key in ("--model.mixer", "--model.position (default: 'auto')", "--train.data_seed", "--train.stop_at",
+                "--task.args.KEY"):
+        assert key in out, key
+    assert zoo_main(["fit", "--print_config"]) == 0
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert printed["task"]["args"]["n_pairs"] == 8 and printed["model"]["position"] == "learned"

@@ -73,8 +73,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.config:
         data = read_yaml(args.config, "config file") or {}
     cfg = from_dict(Config, apply_overrides(data, args.overrides), where=args.config or "config")
-    if args.print_config:
-        print(dump_config(resolve(cfg)[0]), end="")
+    if args.print_config:  # the task's own defaults included
+        resolved, _ = resolve(cfg)
+        entry = default_registry().get(TASKS, resolved.task.name)
+        resolved.task.args = {**entry.defaults, **resolved.task.args}
+        print(dump_config(resolved), end="")
         return 0
     out = fit(cfg, resume=args.resume)
     print(json.dumps(out, indent=2))
@@ -123,6 +126,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_keys() -> str:
+    """Every key `zoo fit` takes as --section.key, with its default (the epilog of `zoo fit --help`)."""
+    import dataclasses
+
+    from zoo.config import Config
+
+    lines = ["config keys (--section.key VALUE; VALUE read as YAML):"]
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{section.name}.{f.name} (default: {default!r})")
+    lines.append("  --task.args.KEY: a task's own arguments (zoo list shows each task's defaults)")
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description=__doc__)
     p.add_argument(
@@ -134,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_list)
     s = sub.add_parser("fit", help="train and test one config (Lightning)",
                        description="Train and test one config. Overrides: --model.mixer window --train.max_steps 100 "
-                                   "--task.name selective_copy --task.args.seq_len 128 (values read as YAML).")
+                                   "--task.name selective_copy --task.args.seq_len 128 (values read as YAML).",
+                       epilog=config_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", help="a YAML file with model, task and train sections")
     s.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. runs/NAME/checkpoints/last.ckpt)")
     s.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
