@@ -41,8 +41,8 @@ def test_fast_scans_equal_the_reference_fp32(impl, L):
 
 
 def test_cpp_kernels_are_finite_where_the_math_is():
-    """Fast math must not assume finite math: silu and exp overflow to inf on purpose at large
-    negative arguments (silu(-89) = -0 in fp32), which -ffinite-math-only turns into NaN."""
+    """Under -ffast-math the compiler assumes no inf appears: the kernels must never form one
+    from finite input (the textbook sigmoid overflowed at -89 in fp32 and gave NaN)."""
     if not selective_scan.cpp_available():
         pytest.skip("no C++ toolchain here")
     conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3)
@@ -77,9 +77,7 @@ def test_whole_block_at_extreme_inputs_equals_the_reference():
 
 def test_build_is_keyed_by_host_and_flags():
     """-march=native builds for this CPU: the cache name carries the CPU and flags, so a cache
-    shared with another kind of machine is never loaded there; the flags keep finite math."""
-    assert "-fno-finite-math-only" in selective_scan.FLAGS
-    assert selective_scan.FLAGS.index("-fno-finite-math-only") > selective_scan.FLAGS.index("-ffast-math")
+    shared with another kind of machine is never loaded there."""
     tag = selective_scan._host_tag()
     assert len(tag) == 10 and tag == selective_scan._host_tag()
 

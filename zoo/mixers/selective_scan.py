@@ -81,11 +81,11 @@ def chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
 
 
 # -- the C++ kernel ------------------------------------------------------------------------------
-# -ffast-math without its finite-math part: the kernels compute silu and exp at arguments where
-# float32 overflows to inf on purpose (silu(-89) = -89 / (1 + inf) = -0), which -ffinite-math-only
-# lets the compiler turn into NaN. The rest of -ffast-math (reassociation, no errno) stays: it is
-# what vectorises the loops; tests compare the kernels with the reference at extreme inputs.
-FLAGS = ("-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-march=native")
+# -ffast-math, all of it: only with every fast-math flag on does GCC define __FAST_MATH__, under
+# which glibc declares its vectorised exp (the scan is 2-3x slower without). Its finite-math
+# assumption is met by the kernels, which never form an infinity from finite input (see the note
+# at the top of selective_scan.cpp); tests compare them with the reference at extreme inputs.
+FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-march=native")
 
 
 def _host_tag() -> str:
