@@ -224,3 +224,13 @@ def test_fit_help_lists_every_key_and_print_config_shows_task_defaults(capsys):
     assert zoo_main(["fit", "--print_config"]) == 0
     printed = __import__("yaml").safe_load(capsys.readouterr().out)
     assert printed["task"]["args"]["n_pairs"] == 8 and printed["model"]["position"] == "learned"
+
+
+def test_report_compare_on_two_fit_runs_and_on_nothing(tmp_path, capsys):
+    a, b = (fit(config(tmp_path / n, "--train.max_steps", "20", "--train.val_every", "10"))["run_dir"] for n in "ab")
+    assert zoo_main(["report", a, b, "--compare"]) == 0
+    text = (Path(b).parent / "compare.md").read_text()  # beside the inputs
+    assert "| test/accuracy |" in text and "| steps | 20 | 20 |" in text
+    (tmp_path / "empty").mkdir()
+    assert zoo_main(["report", str(tmp_path / "empty"), a, "--compare"]) == 2
+    assert "holds neither zoo bench results" in capsys.readouterr().err

@@ -115,8 +115,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.compare:
         if len(args.paths) != 2:
             raise ZooConfigError("--compare takes exactly two result sets: zoo report A B --compare")
-        a, b = (collect([p]) for p in args.paths)
-        path = compare(a, b, Path(args.out or "."), tuple(args.paths))
+        out = Path(args.out or Path(args.paths[1]).parent)  # beside the inputs, not wherever we stand
+        runs = [Path(p) / "metrics.json" for p in args.paths]
+        if all(r.is_file() for r in runs):  # two `zoo fit` runs
+            from zoo.report import compare_runs
+
+            path = compare_runs(args.paths, out)
+        else:
+            a, b = (collect([p]) for p in args.paths)
+            empty = [p for p, rows in zip(args.paths, (a, b), strict=True) if not rows]
+            if empty:
+                raise ZooConfigError(
+                    f"--compare: {', '.join(empty)} holds neither zoo bench results (results*.jsonl) nor a zoo fit "
+                    "run (metrics.json); give two bench result folders or two run folders")
+            path = compare(a, b, out, tuple(args.paths))
     else:
         rows = collect(args.paths)
         if not rows:

@@ -442,3 +442,36 @@ def compare(rows_a: list[dict], rows_b: list[dict], out_dir: Path, names: tuple[
     path = out_dir / "compare.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def compare_runs(run_dirs: list[str], out_dir: Path) -> Path:
+    """Two `zoo fit` runs side by side: their final metrics (B - A) and validation curves."""
+    import csv
+    import json
+
+    outs = [json.loads((Path(d) / "metrics.json").read_text()) for d in run_dirs]
+    names = [Path(d).name for d in run_dirs]
+    lines = [f"# Runs: {names[1]} against {names[0]}", "", f"| metric | {names[0]} | {names[1]} | B - A |",
+             "|---|---|---|---|"]
+    for key in sorted(set(outs[0].get("metrics", {})) | set(outs[1].get("metrics", {}))):
+        a, b = (o.get("metrics", {}).get(key, math.nan) for o in outs)
+        lines.append(f"| {key} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+    for key in ("status", "steps", "train_seconds", "params"):
+        lines.append(f"| {key} | {outs[0].get(key, '-')} | {outs[1].get(key, '-')} | |")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, d in zip(names, run_dirs, strict=True):
+        rows = list(csv.DictReader(open(Path(d) / "metrics.csv"))) if (Path(d) / "metrics.csv").is_file() else []
+        val = [(int(r["step"]), float(r["val/accuracy"])) for r in rows if r.get("val/accuracy")]
+        if val:
+            ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=7)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compare.png", dpi=110)
+    plt.close(fig)
+    path = out_dir / "compare.md"
+    path.write_text("\n".join(lines + ["", "![validation accuracy](compare.png)", ""]))
+    return path
