@@ -81,6 +81,9 @@ def test_claim_rules_reproduced_not_reproduced_inconclusive():
     assert fd.evaluate(claim(kind="at_least", mixer="slow", settings=["p4"], value=0.95), rows)[0] == fd.INCONCLUSIVE
     verdict, ours = fd.evaluate(claim(kind="at_least", mixer="nope", settings=["p4"], value=0.95), rows)
     assert verdict == fd.INCONCLUSIVE and "no finished runs of nope" in ours
+    # a missing setting does not hide a present one that contradicts the claim
+    verdict, ours = fd.evaluate(claim(kind="at_least", mixer="ssm", settings=["p8", "p16"], value=0.95), rows)
+    assert verdict == fd.NOT_REPRODUCED and "no finished runs of ssm @ p8" in ours
     assert fd.evaluate(claim(kind="decreases", mixers=["ssm"], settings=["p4", "p16"], by=0.1), rows)[0] == fd.REPRODUCED
     assert fd.evaluate(claim(kind="decreases", mixers=["attn"], settings=["p4", "p16"], by=0.1), rows)[0] == fd.NOT_REPRODUCED
     assert fd.evaluate(claim(kind="higher", mixer="attn", other="ssm", setting="p16", by=0.2), rows)[0] == fd.REPRODUCED

@@ -248,8 +248,10 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
         parts, verdicts = [], []
         for setting in _list(rule.get("settings") or rule.get("setting")):
             s = get(setting, rule["mixer"])
-            if s is None:
-                return INCONCLUSIVE, f"no finished runs of {rule['mixer']} @ {setting}"
+            if s is None:  # missing: no verdict from it, but a present setting may still contradict
+                parts.append(f"no finished runs of {rule['mixer']} @ {setting}")
+                verdicts.append(INCONCLUSIVE)
+                continue
             parts.append(txt(s))
             good = s.mean >= v if kind == "at_least" else s.mean <= v
             improving = s.flags.get("still_improving", 0) > 0
@@ -266,7 +268,9 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
         for mixer in _list(rule.get("mixers") or rule.get("mixer")):
             first, last = get(settings[0], mixer), get(settings[-1], mixer)
             if first is None or last is None:
-                return INCONCLUSIVE, f"no finished runs of {mixer} at {settings[0]} or {settings[-1]}"
+                parts.append(f"no finished runs of {mixer} at {settings[0]} or {settings[-1]}")
+                verdicts.append(INCONCLUSIVE)
+                continue
             drop = first.mean - last.mean
             parts.append(f"{mixer}: {first.mean:.3f} -> {last.mean:.3f} (drop {drop:+.3f})")
             separated = not _overlap(first.ci, last.ci) if first.n > 1 and last.n > 1 else False
