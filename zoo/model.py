@@ -3,9 +3,11 @@
     Block = x + Mixer(Norm(x)); x + ChannelMixer(Norm(x))        (pre-norm)
           = Norm(x + Mixer(x)); Norm(x + ChannelMixer(x))        (post-norm)
 
-Auxiliary losses: a module that has them declares ``self.aux_losses = {}`` in ``__init__`` and
-fills it with named scalars during its forward. ``ZooModel.aux_losses()`` sums them by name
-over the layers after a forward; the training loop adds them to the loss and logs each name.
+Auxiliary outputs, one mechanism: a module (at any depth) that has them declares
+``self.aux_losses = {}`` and/or ``self.aux_metrics = {}`` in ``__init__`` and fills them with
+named scalars during its forward. ``ZooModel.aux_losses()`` sums the losses by name over the
+layers (the training loop adds them to the loss and logs each name); ``aux_metrics()`` returns
+the detached diagnostics as ``layer<i>/<name>``.
 """
 
 from __future__ import annotations
@@ -150,7 +152,13 @@ class ZooModel(nn.Module):
                 self.head.weight = self.embed.weight
         else:
             self.head = nn.Linear(cfg.d_model, cfg.n_classes)
-        self._aux_modules = [m for m in self.modules() if isinstance(getattr(m, "aux_losses", None), dict)]
+        # one mechanism for auxiliary outputs: any module (at any depth) with an `aux_losses` or
+        # `aux_metrics` dict, found once here, named by its layer
+        self._aux_modules = [
+            (f"layer{name.split('.')[1]}" if name.startswith("blocks.") else name or "model", m)
+            for name, m in self.named_modules()
+            if isinstance(getattr(m, "aux_losses", None), dict) or isinstance(getattr(m, "aux_metrics", None), dict)
+        ]
 
     # -- forward ---------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -181,19 +189,15 @@ class ZooModel(nn.Module):
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward, summed by name over the layers."""
         total: dict[str, torch.Tensor] = {}
-        for m in self._aux_modules:
-            for name, value in m.aux_losses.items():
+        for _, m in self._aux_modules:
+            for name, value in getattr(m, "aux_losses", {}).items():
                 total[name] = total[name] + value if name in total else value
         return total
 
     def aux_metrics(self) -> dict[str, torch.Tensor]:
-        """Detached diagnostics of the last forward (e.g. MoE utilisation), by layer."""
-        out = {}
-        for i, block in enumerate(self.blocks):
-            for part in (block.mixer, block.channel):
-                for name, value in getattr(part, "aux_metrics", {}).items():
-                    out[f"layer{i}/{name}"] = value
-        return out
+        """Detached diagnostics of the last forward (e.g. MoE utilisation), named by layer."""
+        return {f"{where}/{name}": value for where, m in self._aux_modules
+                for name, value in getattr(m, "aux_metrics", {}).items()}
 
     # -- decoding ------------------------------------------------------------------------
     def init_state(self, batch: int) -> list[Any]:
