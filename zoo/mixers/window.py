@@ -97,33 +97,36 @@ class WindowAttention(AttentionMixer):
     # -- the blocked backend ----------------------------------------------------------------
     def _attend_blocked(self, q, k, v):
         B, H, T, hd = q.shape
-        b = min(self.block, T)  # a block never exceeds the sequence
-        L = math.ceil((self.reach - 1) / b)  # blocks of look-back (and look-ahead)
-        n = math.ceil(T / b)
-        Tp = n * b
-        span = (L + 1 if self.causal else 2 * L + 1) * b  # keys per query block
-        after = 0 if self.causal else L * b
+        b = min(self.block, T)  # block length; a block never exceeds the sequence
+        back = math.ceil((self.reach - 1) / b)  # key blocks of look-back (and look-ahead when bidirectional)
+        n = math.ceil(T / b)  # query blocks
+        Tp = n * b  # length padded to whole blocks
+        span = (back + 1 if self.causal else 2 * back + 1) * b  # window keys per query block
+        ahead = 0 if self.causal else back * b  # padding after the keys for the look-ahead
         glob = self.global_positions(T, q.device)
         G = glob.numel()
 
-        # Blocks become batch entries, (B*n, H, ., hd), so that SDPA runs its fused 4-d kernel.
+        # Blocks become batch entries, (B*n, H, b, hd), so that SDPA runs its fused 4-d kernel.
         qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, hd).transpose(1, 2).reshape(B * n, H, b, hd)
-        # Keys of query block i: key blocks i - L .. i (+ L when bidirectional), as shifted views
-        # of the padded key blocks concatenated along the key axis (cheaper backward than unfold).
-        nk = span // b
-        kp = F.pad(k, (0, 0, L * b, Tp - T + after)).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
-        vp = F.pad(v, (0, 0, L * b, Tp - T + after)).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
-        kw = torch.cat([kp[:, i : i + n] for i in range(nk)], dim=3)  # (B, n, H, span, hd)
-        vw = torch.cat([vp[:, i : i + n] for i in range(nk)], dim=3)
-        if G:
+        # Keys of query block i: key blocks i - back .. i (+ back when bidirectional). Pad the keys
+        # by `back` blocks in front (and behind), cut them into blocks, (B, n + nk - 1, H, b, hd),
+        # and take nk shifted views of n blocks each, joined along the key axis (cheaper backward
+        # than unfold).
+        nk = span // b  # key blocks per query block
+        padded = (0, 0, back * b, Tp - T + ahead)
+        kblocks = F.pad(k, padded).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
+        vblocks = F.pad(v, padded).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
+        kw = torch.cat([kblocks[:, i : i + n] for i in range(nk)], dim=3)  # (B, n, H, span, hd)
+        vw = torch.cat([vblocks[:, i : i + n] for i in range(nk)], dim=3)
+        if G:  # every query block also sees the global keys: (B, n, H, span + G, hd)
             kw = torch.cat((kw, k[:, None, :, glob].expand(B, n, H, G, hd)), 3)
             vw = torch.cat((vw, v[:, None, :, glob].expand(B, n, H, G, hd)), 3)
         K = span + G
         kw, vw = kw.reshape(B * n, H, K, hd), vw.reshape(B * n, H, K, hd)
 
-        mask = self._block_mask(T, n, b, L, span, glob)  # (n, b, K) bool
+        mask = self._block_mask(T, n, b, back, span, glob)  # (n, b, K) bool
         if self.uses_alibi:
-            bias = alibi_bias(self.alibi_slopes, *self._block_positions(n, b, L, span, glob))
+            bias = alibi_bias(self.alibi_slopes, *self._block_positions(n, b, back, span, glob))
             mask = bias.to(q.dtype).masked_fill(~mask, float("-inf")).transpose(0, 1)  # (n, H, b, K)
         else:
             mask = mask[:, None]  # (n, 1, b, K)
@@ -140,16 +143,17 @@ class WindowAttention(AttentionMixer):
             y = y.index_copy(2, glob, yg)
         return y
 
-    def _block_positions(self, n, b, L, span, glob):
+    def _block_positions(self, n, b, back, span, glob):
+        """Absolute positions of each block's queries (n, b, 1) and keys (n, 1, span + G)."""
         dev = glob.device
         start = torch.arange(n, device=dev)[:, None, None] * b
         q_pos = start + torch.arange(b, device=dev)[None, :, None]  # (n, b, 1)
-        k_pos = start - L * b + torch.arange(span, device=dev)[None, None, :]  # (n, 1, span)
+        k_pos = start - back * b + torch.arange(span, device=dev)[None, None, :]  # (n, 1, span)
         k_pos = torch.cat((k_pos, glob.expand(n, 1, -1)), -1)  # (n, 1, span + G)
         return q_pos, k_pos
 
-    def _block_mask(self, T, n, b, L, span, glob):
-        q_pos, k_pos = self._block_positions(n, b, L, span, glob)
+    def _block_mask(self, T, n, b, back, span, glob):
+        q_pos, k_pos = self._block_positions(n, b, back, span, glob)
         win, gcol = k_pos[..., :span], k_pos[..., span:]
         is_g = torch.zeros(T + 1, dtype=torch.bool, device=glob.device)
         is_g[glob] = True
