@@ -193,3 +193,4 @@ def test_zoo_list_shows_strict_and_mask_only_causality(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "| lsh | mask only |" in out and "| mamba | strict |" in out and "| linformer | - |" in out
+    assert "| mamba | Gu & Dao 2023, Mamba, arXiv:2312.00752 | time O(N d_inner d_state)" in out  # paper, complexity
