@@ -148,6 +148,19 @@ def mixer_color(name: str):
     return _plt().get_cmap("tab10")(i % 10)
 
 
+def _rank_key(task: str):
+    """Sort key of a quality row by the task's registry `metric` (accuracy: higher first; bits per
+    char, perplexity, loss: lower first)."""
+    from zoo.registry import TASKS, default_registry
+
+    try:
+        metric = default_registry().get(TASKS, task).metric or "accuracy"
+    except Exception:  # a task the registry no longer has: rank by accuracy
+        metric = "accuracy"
+    sign = -1 if metric == "accuracy" else 1
+    return lambda m: sign * m.get(f"test/{metric}", m.get("test/accuracy", 0) if metric == "accuracy" else math.inf)
+
+
 def _findings_section(rows, out_dir):
     from zoo import findings as fd
 
@@ -290,7 +303,7 @@ def _quality_section(rows, out_dir):
     fig, axes = plt.subplots(1, len(by_task), figsize=(5 * len(by_task), 3.5), squeeze=False)
     fig2, axes2 = plt.subplots(1, len(by_task), figsize=(5 * len(by_task), 3.5), squeeze=False)
     for ax, ax2, (task, rs) in zip(axes[0], axes2[0], sorted(by_task.items()), strict=True):
-        rs.sort(key=lambda r: -r["result"]["metrics"].get("test/accuracy", 0))
+        rs.sort(key=lambda r, key=_rank_key(task): key(r["result"]["metrics"]))  # by the task's registry metric
         budget = rs[0]["case"].get("train", {})
         lines += [f"### {task} ({_kv(budget)})", "",
                   f"task: {_kv(rs[0]['case'].get('task_args', {}))}; model: {_kv(rs[0]['case'].get('model', {}))}", "",
