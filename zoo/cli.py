@@ -44,7 +44,8 @@ def list_table(reg: Registry, device_type: str) -> str:
             f"| {e.name} | {_causal(e)} | {_yes(e.bidirectional)} | {_yes(e.decode)} | "
             f"{', '.join(e.positions)} | {backends(e)} | {e.description} |"
         )
-    lines += ["", "## Papers and growth (as the papers state them)", "", "| name | paper | complexity |", "|---|---|---|"]
+    lines += ["", "## Papers and growth (as the papers state them)", "",
+              "| name | paper | complexity |", "|---|---|---|"]
     for e in reg.entries(SEQUENCE) + reg.entries(CHANNEL):
         growth = "; ".join(f"{k} {v}" for k, v in e.complexity.items()) or "-"
         lines.append(f"| {e.name} | {e.paper or '-'} | {growth} |")

@@ -303,7 +303,8 @@ def _quality_section(rows, out_dir):
     fig, axes = plt.subplots(1, len(by_task), figsize=(5 * len(by_task), 3.5), squeeze=False)
     fig2, axes2 = plt.subplots(1, len(by_task), figsize=(5 * len(by_task), 3.5), squeeze=False)
     for ax, ax2, (task, rs) in zip(axes[0], axes2[0], sorted(by_task.items()), strict=True):
-        rs.sort(key=lambda r, key=_rank_key(task): key(r["result"]["metrics"]))  # by the task's registry metric
+        rank = _rank_key(task)  # by the task's registry metric
+        rs.sort(key=lambda r, rank=rank: rank(r["result"]["metrics"]))
         budget = rs[0]["case"].get("train", {})
         lines += [f"### {task} ({_kv(budget)})", "",
                   f"task: {_kv(rs[0]['case'].get('task_args', {}))}; model: {_kv(rs[0]['case'].get('model', {}))}", "",
