@@ -80,6 +80,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["plain", "zoo", "zoo-from-plain"], default="plain")
     ap.add_argument("--no-attention-bias", action="store_true", help="zoo-from-plain without q/k/v/out biases")
+    ap.add_argument("--embed-std", type=float, default=0.0,
+                    help="zoo: draw token and position embeddings from N(0, this) and untie the head (0: the zoo's init)")
     ap.add_argument("--recipe", choices=["zoo", "plain"], default="zoo",
                     help="zoo: AdamW (0.9, 0.95), decay on matrices, warm-up 100 + cosine, clip 1; plain: AdamW defaults")
     ap.add_argument("--steps", type=int, default=1000)
@@ -101,7 +103,14 @@ def main() -> None:
     task = zoo.default_registry().build_task("mqar", vocab=V, seq_len=T, n_pairs=4, train_size=0, test_size=1000,
                                              batch_size=64)
     task.setup()
-    model = {"plain": Plain, "zoo": lambda: zoo_model(False),
+    def zoo_scaled():
+        z = zoo_model(False, tied=not args.embed_std)
+        if args.embed_std:
+            nn.init.normal_(z.embed.weight, std=args.embed_std)
+            nn.init.normal_(z.pos.table.weight, std=args.embed_std)
+        return z
+
+    model = {"plain": Plain, "zoo": zoo_scaled,
              "zoo-from-plain": lambda: plain_weights_into_zoo(Plain(), not args.no_attention_bias)}[args.model]()
     params = list(model.parameters())
     if args.recipe == "plain":

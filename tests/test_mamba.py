@@ -187,12 +187,18 @@ def test_mamba_errors():
             zoo.build_mixer("mamba", D, backend="mamba_ssm")
 
 
-@pytest.mark.gpu
-def test_mamba_ssm_backend_matches_torch_backend():
+def cuda_pair():
+    """The mamba_ssm backend and the torch backend on CUDA, sharing weights."""
     pytest.importorskip("mamba_ssm")
     ref = zoo.build_mixer("mamba", 64, backend="torch").cuda()
     fast = zoo.build_mixer("mamba", 64, backend="mamba_ssm").cuda()
     fast.load_state_dict(ref.state_dict())
+    return fast, ref
+
+
+@pytest.mark.gpu
+def test_mamba_ssm_backend_matches_torch_backend():
+    fast, ref = cuda_pair()
     x = torch.randn(2, 300, 64, device="cuda")
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-3, atol=1e-3)
 
@@ -217,10 +223,7 @@ def test_mamba_ssm_decoding_equals_forward_and_keeps_its_input_state():
 @pytest.mark.gpu
 def test_mamba_ssm_under_bf16_autocast_keeps_A_in_fp32():
     """Upstream computes -exp(A_log.float()): rounding A_log to bf16 first moves A by up to 0.4 %."""
-    pytest.importorskip("mamba_ssm")
-    m = zoo.build_mixer("mamba", 64, backend="mamba_ssm").cuda()
-    ref = zoo.build_mixer("mamba", 64, backend="torch").cuda()
-    ref.load_state_dict(m.state_dict())
+    m, ref = cuda_pair()
     with torch.no_grad():
         m.A_log.add_(0.003)  # values that bf16 cannot hold exactly
         ref.A_log.copy_(m.A_log)
