@@ -273,3 +273,15 @@ def test_results_csv_is_written_beside_the_report(tmp_path):
     assert [r["key"] for r in table] == ["decode/x/T=1", "decode/y/T=1"]
     assert table[0]["result.seconds_per_token"] == "0.0001" and table[1]["error"] == "boom | with a bar"
     assert list(table[0])[:4] == ["key", "status", "case.kind", "case.mixer"]
+
+
+def test_ctrl_c_says_what_is_kept_without_a_traceback(monkeypatch, capsys):
+    import zoo.sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo.sweep, "run_suite", interrupted)
+    assert zoo_main(["bench", "decode", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; finished cases are kept" in err and "Traceback" not in err

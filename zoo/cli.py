@@ -217,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     except ZooDiverged as e:
         print(f"zoo: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk; say so, no traceback
+        what = ("finished cases are kept in the results file; rerun the same command to resume"
+                if args.command == "bench" else "the last checkpoint, if any, is in the run folder")
+        print(f"zoo: interrupted; {what}", file=sys.stderr)
+        return 130
     finally:
         if before is None:
             os.environ.pop(ENV_VAR, None)
