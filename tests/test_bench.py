@@ -10,9 +10,9 @@ import pytest
 
 import zoo
 from zoo.cli import main as zoo_main
-from zoo.report import collect, compare, write_report
+from zoo.report import compare, write_report
 from zoo.suite import cases, load_suite
-from zoo.sweep import append_row, read_rows, run_suite
+from zoo.sweep import append_row, collect, read_rows, run_suite
 
 TINY = """
 timeout: 120
@@ -212,7 +212,7 @@ def test_a_second_sweep_into_a_live_folder_is_refused_and_a_stale_lock_is_taken_
 
 
 def test_unreadable_lines_are_skipped_counted_and_reported(tmp_path):
-    from zoo.report import SKIPPED, collect, write_report
+    from zoo.sweep import SKIPPED
 
     good = {"key": "decode/x/T=1", "status": "ok", "case": {"kind": "decode", "mixer": "x", "context": 1},
             "result": {"seconds_per_token": 1e-4, "state_bytes": 8}, "env": {"torch": "x"}}

@@ -90,9 +90,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from zoo.report import collect, write_report
+    from zoo.report import write_report
     from zoo.suite import load_suite
-    from zoo.sweep import run_suite
+    from zoo.sweep import collect, run_suite
 
     suite = load_suite(args.suite, quick=args.quick)
     if args.threads:
@@ -115,7 +115,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from zoo.report import collect, compare, write_report
+    from zoo.report import compare, write_report
+    from zoo.sweep import collect
 
     if args.compare:
         if len(args.paths) != 2:

@@ -11,22 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from zoo.measure import loglog_slope
-from zoo.sweep import read_rows
-
-
-def collect(paths: list[str | Path]) -> list[dict]:
-    """Rows of every results file under the given files or directories, merged by key."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(p.glob("results*.jsonl")) if p.is_dir() else [p]
-    merged: dict[str, dict] = {}
-    for f in files:
-        for row in read_rows(f, SKIPPED):
-            merged[row["key"]] = row
-    return [merged[k] for k in sorted(merged)]
-
-
-SKIPPED: list[str] = []  # unreadable lines met by collect() ("file:line"), listed in the report
+from zoo.sweep import SKIPPED
 
 
 def _ok(rows, kind):
@@ -463,8 +448,9 @@ def compare(rows_a: list[dict], rows_b: list[dict], out_dir: Path, names: tuple[
 
 def compare_runs(run_dirs: list[str], out_dir: Path) -> Path:
     """Two `zoo fit` runs side by side: their final metrics (B - A) and validation curves."""
-    import csv
     import json
+
+    from zoo.train import read_metrics
 
     outs = [json.loads((Path(d) / "metrics.json").read_text()) for d in run_dirs]
     names = [Path(d).name for d in run_dirs]
@@ -478,7 +464,7 @@ def compare_runs(run_dirs: list[str], out_dir: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, d in zip(names, run_dirs, strict=True):
-        rows = list(csv.DictReader(open(Path(d) / "metrics.csv"))) if (Path(d) / "metrics.csv").is_file() else []
+        rows = read_metrics(d)
         val = [(int(r["step"]), float(r["val/accuracy"])) for r in rows if r.get("val/accuracy")]
         if val:
             ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label=name)

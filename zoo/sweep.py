@@ -43,6 +43,21 @@ def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
     return rows
 
 
+SKIPPED: list[str] = []  # unreadable lines met by collect() ("file:line"); the report lists them
+
+
+def collect(paths: list[str | Path]) -> list[dict]:
+    """Rows of every results file under the given files or directories, merged by key."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("results*.jsonl")) if p.is_dir() else [p]
+    merged: dict[str, dict] = {}
+    for f in files:
+        for row in read_rows(f, SKIPPED):
+            merged[row["key"]] = row
+    return [merged[k] for k in sorted(merged)]
+
+
 class SweepLock:
     """One live sweep per results file: ``<results>.lock`` holds the owner's pid; a second sweep
     into the same file is refused while that process lives, and takes the lock over once it is
@@ -169,9 +184,8 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         if not run.get("threads"):
             run["threads"] = max(1, cores // parallel)
         if case.get("phase") == "seed":  # the findings protocol: the lr the tune runs chose
-            merged = {r["key"]: r for f in sorted(out_dir.glob("results*.jsonl")) for r in read_rows(f)}
-            try:
-                run = resolve_best_lr(run, list(merged.values()))
+            try:  # every results file of the folder: shards included
+                run = resolve_best_lr(run, collect([out_dir]))
             except ZooConfigError as e:
                 return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
         return run, None
@@ -196,7 +210,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             if c.get("phase") != "seed":
                 return False
             prefix = f"findings/{c['setting']}/{c['mixer']}/lr="
-            return any(o["key"].startswith(prefix) for o in waiting + [c for c, _ in running.values()])
+            return any(o["key"].startswith(prefix) for o in waiting + [case for case, _ in running.values()])
 
         waiting, running = list(training), {}
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the case processes
@@ -302,11 +316,10 @@ def execute(case: dict) -> dict:
 
 
 def _train_case(case: dict) -> dict:
-    import csv
     import tempfile
 
     from zoo.config import Config, from_dict
-    from zoo.train import fit
+    from zoo.train import fit, read_metrics
 
     model = {**case.get("model", {}), "mixer": case["mixer"]}
     if case["kind"] == "extrapolation":
@@ -316,7 +329,7 @@ def _train_case(case: dict) -> dict:
         cfg = from_dict(Config, {"model": model, "task": {"name": case["task"], "args": case.get("task_args", {})},
                                  "train": train})
         out = fit(cfg)
-        rows = list(csv.DictReader(open(Path(out["run_dir"]) / "metrics.csv")))
+        rows = read_metrics(out["run_dir"])
         curve = [[int(r["step"]), float(r["train/loss"])] for r in rows if r.get("train/loss")]
         val = [[int(r["step"]) + 1, float(r["val/accuracy"])] for r in rows if r.get("val/accuracy")]
         val_loss = [float(r["val/loss"]) for r in rows if r.get("val/loss")]

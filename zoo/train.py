@@ -259,14 +259,20 @@ def _prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None
         raise ZooConfigError(f"train.log_dir: cannot create the run folder {str(run_dir)!r}: {e.strerror}") from e
 
 
-def _read_csv(path: Path) -> list[dict]:
-    return list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's metrics.csv (a run folder or the file itself); [] when there is none."""
+    path = Path(path)
+    path = path / "metrics.csv" if path.is_dir() else path
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _keep_history(path: Path, earlier: list[dict]) -> None:
     """metrics.csv after a resume: the earlier session's rows before the first new step, then the
     new rows (Lightning's CSV logger starts the file anew)."""
-    new = _read_csv(path)
+    new = read_metrics(path)
     if not earlier:
         return
     first = min((int(r["step"]) for r in new if r.get("step")), default=None)
@@ -292,7 +298,7 @@ def fit(cfg: Config, resume: str | None = None, **trainer_overrides: Any) -> dic
     run_dir = Path(cfg.train.log_dir) / run_name(cfg)
     trainer = build_trainer(cfg, run_dir, **trainer_overrides)
     _prepare_run_dir(run_dir, resume, cfg.train.overwrite)
-    earlier = _read_csv(run_dir / "metrics.csv") if resume else []
+    earlier = read_metrics(run_dir / "metrics.csv") if resume else []
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = ZooModule(to_dict(cfg), test_names=task.test_names())
