@@ -20,7 +20,7 @@ namespace {
 constexpr int64_t DB = 64;  // channels per task
 
 // Built with -ffast-math, which lets the compiler assume no inf or NaN ever appears (and turns
-// on glibc's vectorised exp, 2-3x faster here). So no function below may form an infinity from
+// on glibc's vectorised exp, which the scan depends on). So no function below may form an infinity from
 // finite input: exp only ever sees arguments <= 20 (softplus) or <= 0 (sigmoid, the scan's
 // exp(delta A) with delta >= 0, A < 0). The textbook 1 / (1 + exp(-x)) overflowed for x < -88
 // in fp32 and gave NaN under that assumption; exp(-|x|) underflows to 0 instead.

@@ -82,7 +82,7 @@ def chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
 
 # -- the C++ kernel ------------------------------------------------------------------------------
 # -ffast-math, all of it: only with every fast-math flag on does GCC define __FAST_MATH__, under
-# which glibc declares its vectorised exp (the scan is 2-3x slower without). Its finite-math
+# which glibc declares its vectorised exp (the scan is much slower without). Its finite-math
 # assumption is met by the kernels, which never form an infinity from finite input (see the note
 # at the top of selective_scan.cpp); tests compare them with the reference at extreme inputs.
 FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-march=native")
