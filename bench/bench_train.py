@@ -1,4 +1,4 @@
-"""Training throughput: ZooModule under the Lightning Trainer vs a plain PyTorch loop.
+"""Training throughput: TrainingModule under the Lightning Trainer vs a plain PyTorch loop.
 
 The same model, optimiser, schedule, gradient clipping and batches (mqar, softmax, d_model
 256, 4 layers, seq 128, batch 32, fp32); each side trains ``--steps`` steps from the same
@@ -21,7 +21,7 @@ import torch
 
 from zoo.config import Config, from_dict, to_dict
 from zoo.measure import environment
-from zoo.train import ZooModule, build_trainer, resolve
+from zoo.train import TrainingModule, build_trainer, resolve
 
 CFG = {
     "model": {"d_model": 256, "n_layers": 4, "mixer_args": {"n_heads": 4}},
@@ -31,7 +31,7 @@ CFG = {
 
 
 def lightning_run(cfg: Config, task, init, steps: int, log_dir: str) -> float:
-    module = ZooModule(to_dict(cfg), test_names=task.test_names())
+    module = TrainingModule(to_dict(cfg), test_names=task.test_names())
     module.load_state_dict(init)
     trainer = build_trainer(cfg, __import__("pathlib").Path(log_dir), max_steps=steps, limit_val_batches=0,
                             enable_checkpointing=True)
@@ -41,7 +41,7 @@ def lightning_run(cfg: Config, task, init, steps: int, log_dir: str) -> float:
 
 
 def plain_run(cfg: Config, task, init, steps: int) -> float:
-    module = ZooModule(to_dict(cfg), test_names=task.test_names())
+    module = TrainingModule(to_dict(cfg), test_names=task.test_names())
     module.load_state_dict(init)
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
@@ -70,7 +70,7 @@ def main() -> None:
     a = p.parse_args()
     cfg = from_dict(Config, copy.deepcopy(CFG))
     cfg, task = resolve(cfg)
-    init = ZooModule(to_dict(cfg), test_names=task.test_names()).state_dict()
+    init = TrainingModule(to_dict(cfg), test_names=task.test_names()).state_dict()
     tokens = a.steps * cfg.train.batch_size * 128
     env = environment()
     print(f"torch {env['torch']}, {env['threads']} threads, {a.steps} steps, batch {cfg.train.batch_size}, seq 128")
@@ -86,7 +86,7 @@ def main() -> None:
             pt.append(tokens / t_p)
             ratios.append(t_p / t_l)
     print("\n| side | tokens/s (median) |\n|---|---|")
-    print(f"| Lightning Trainer + ZooModule | {statistics.median(lt):,.0f} |")
+    print(f"| Lightning Trainer + TrainingModule | {statistics.median(lt):,.0f} |")
     print(f"| plain PyTorch loop | {statistics.median(pt):,.0f} |")
     print(f"\nthroughput ratio Lightning / plain: {statistics.median(ratios):.3f} (rounds: "
           + ", ".join(f"{x:.3f}" for x in ratios) + ")")

@@ -2,11 +2,15 @@
 
 A two-layer causal transformer written here from PyTorch parts (learned positions, pre-LN, GELU
 MLP, untied head with bias, PyTorch's default initialisation) and the zoo's own model are trained
-on the same data (the zoo's MQAR: vocab 128, seq_len 64, 4 pairs, fresh batches of 64), with the
+on the same data (the zoo's MQAR, as Zoology generates it: vocab 128, seq_len 64, 4 pairs, fresh
+batches of 64), with the
 same loop and either recipe, and their validation accuracy printed every 250 steps.
 
     python bench/probe_mqar_init.py --model plain --seed 0          # the independent transformer
     python bench/probe_mqar_init.py --model zoo --seed 0            # the zoo's model, its own init
+    python bench/probe_mqar_init.py --model zoo --embed-std 0.02 --tied --seed 0   # the zoo's init before
+    python bench/probe_mqar_init.py --model zoo --task '{"reveal_answers": true, "filler": "zero", "power_a": 1}'
+                                                                    # the zoo's MQAR format before
     python bench/probe_mqar_init.py --model zoo-from-plain --seed 0 # the zoo's model, plain's initial weights
     python bench/probe_mqar_init.py --model zoo-from-plain --no-attention-bias --seed 0
 
@@ -18,6 +22,7 @@ docs/findings.md for what these runs showed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -55,9 +60,10 @@ class Plain(nn.Module):
         return self.head(self.ln(self.blocks(self.emb(x) + self.pos.weight)))
 
 
-def zoo_model(attention_bias: bool, tied: bool = True) -> nn.Module:
-    return zoo.build_model({"vocab_size": V, "d_model": D, "n_layers": 2, "position": "learned", "max_len": T,
-                            "mixer_args": {"n_heads": H, "bias": attention_bias}, "tie_weights": tied})
+def zoo_model(attention_bias: bool, tied: bool = False, position: str = "learned", embed_std: float = 1.0) -> nn.Module:
+    return zoo.build_model({"vocab_size": V, "d_model": D, "n_layers": 2, "position": position, "max_len": T,
+                            "mixer_args": {"n_heads": H, "bias": attention_bias}, "tie_weights": tied,
+                            "embed_std": embed_std})
 
 
 def plain_weights_into_zoo(p: Plain, attention_bias: bool) -> nn.Module:
@@ -80,10 +86,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["plain", "zoo", "zoo-from-plain"], default="plain")
     ap.add_argument("--no-attention-bias", action="store_true", help="zoo-from-plain without q/k/v/out biases")
-    ap.add_argument("--embed-std", type=float, default=0.0,
-                    help="zoo: draw token and position embeddings from N(0, this) and untie the head (0: the zoo's init)")
+    ap.add_argument("--embed-std", type=float, default=1.0,
+                    help="zoo: model.embed_std, the token and position embeddings' initial std (1: the zoo's default; 0.02: GPT-2's, the zoo's before)")
+    ap.add_argument("--tied", action="store_true", help="zoo: tie the head to the embeddings (the zoo's default before)")
     ap.add_argument("--recipe", choices=["zoo", "plain"], default="zoo",
                     help="zoo: AdamW (0.9, 0.95), decay on matrices, warm-up 100 + cosine, clip 1; plain: AdamW defaults")
+    ap.add_argument("--task", type=json.loads, default={},
+                    help='more MQAR arguments as JSON, e.g. \'{"reveal_answers": true, "filler": "zero"}\' (the old format)')
+    ap.add_argument("--position", default="learned", help="zoo: the positional scheme (learned, rope, alibi, ...)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -101,13 +111,10 @@ def main() -> None:
                   "(plain's head bias:", p.head.bias.abs().max().item(), ")")
         return
     task = zoo.default_registry().build_task("mqar", vocab=V, seq_len=T, n_pairs=4, train_size=0, test_size=1000,
-                                             batch_size=64)
+                                             batch_size=64, **args.task)
     task.setup()
     def zoo_scaled():
-        z = zoo_model(False, tied=not args.embed_std)
-        if args.embed_std:
-            nn.init.normal_(z.embed.weight, std=args.embed_std)
-            nn.init.normal_(z.pos.table.weight, std=args.embed_std)
+        z = zoo_model(False, tied=args.tied, position=args.position, embed_std=args.embed_std)
         return z
 
     model = {"plain": Plain, "zoo": zoo_scaled,

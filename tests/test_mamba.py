@@ -50,8 +50,8 @@ def test_cpp_kernels_are_finite_where_the_math_is():
         conv.weight.fill_(1.0)
         conv.bias.zero_()
     x = torch.tensor([-89.0, -100.0, -1000.0, 89.0, 1e30, -1e30, 0.0, -88.0]).repeat(4, 1).t()[None].contiguous()
-    fast = selective_scan.conv_silu("torch", x, conv)
-    ref = selective_scan.conv_silu("reference", x, conv)
+    fast = selective_scan.fast_conv_silu(x, conv)
+    ref = selective_scan.conv_silu(x, conv)
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(fast, ref)
     args = [a.detach() for a in scan_inputs(40)]
@@ -89,8 +89,8 @@ def test_cpp_conv_silu_equals_conv1d(bias, L):
         pytest.skip("no C++ toolchain here; Mamba runs nn.Conv1d")
     conv = torch.nn.Conv1d(10, 10, 4, groups=10, padding=3, bias=bias).double()
     xz = torch.randn(2, L, 20, dtype=torch.float64, requires_grad=True)  # x: a strided half, as in Mamba
-    fast = selective_scan.conv_silu("torch", xz[..., :10], conv)
-    ref = selective_scan.conv_silu("reference", xz[..., :10], conv)
+    fast = selective_scan.fast_conv_silu(xz[..., :10], conv)
+    ref = selective_scan.conv_silu(xz[..., :10], conv)
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     params = [xz, *conv.parameters()]

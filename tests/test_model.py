@@ -30,11 +30,19 @@ def test_lm_decode_equals_forward_and_is_causal(position, norm_position):
 
 
 def test_tied_and_untied_heads():
-    tied = zoo.build_model(TINY)
+    tied = zoo.build_model({**TINY, "tie_weights": True})
     assert tied.head.weight is tied.embed.weight
-    untied = zoo.build_model({**TINY, "tie_weights": False})
+    untied = zoo.build_model(TINY)  # the default
     assert untied.head.weight is not untied.embed.weight
     assert untied.num_params() - tied.num_params() == 50 * 32
+
+
+def test_embeddings_start_at_embed_std():
+    big = zoo.build_model({**TINY, "vocab_size": 4000, "position": "learned", "max_len": 4000})
+    small = zoo.build_model({**TINY, "vocab_size": 4000, "position": "learned", "max_len": 4000, "embed_std": 0.02})
+    for model, std in ((big, 1.0), (small, 0.02)):
+        for table in (model.embed.weight, model.pos.table.weight):
+            assert abs(table.std().item() - std) < 0.05 * std
 
 
 @pytest.mark.parametrize("pool", ["mean", "last", "first"])

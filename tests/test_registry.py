@@ -1,6 +1,7 @@
 """Registry: validation, clear errors, user overlays."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 
 import zoo
 from zoo.cli import main as zoo_main
-from zoo.contract import Backend, SequenceMixer
+from zoo.contract import SequenceMixer, implements
 from zoo.registry import Registry
 
 
@@ -28,11 +29,17 @@ class ToyMixer(nn.Module):
 
 
 class CudaOnlyMixer(SequenceMixer):
-    BACKENDS = {"reference": Backend(), "fast": Backend(devices=("cuda",))}
     AUTO_ORDER = ("fast", "reference")
 
     def forward(self, x):
-        self.backend_for(x.device)
+        return self.implementation("forward", x.device)(x)
+
+    @implements("reference", op="forward")
+    def forward_reference(self, x):
+        return x
+
+    @implements("fast", op="forward", devices=("cuda",))
+    def forward_fast(self, x):
         return x
 
 
@@ -139,7 +146,7 @@ def test_bad_yaml(tmp_path):
     ("class: test_registry.ToyMixer\n    description: x\n    causal: yes please",
      r"'causal' must be true or false"),
     ("class: test_registry.CudaOnlyMixer\n    description: x\n    backends: [reference]",
-     r"backends \['reference'\] differ from .*BACKENDS \['reference', 'fast'\]"),
+     r"backends \['reference'\] differ from the backends .*CudaOnlyMixer implements \['reference', 'fast'\]"),
 ])
 def test_bad_entries_are_named(tmp_path, entry, message):
     path = overlay(tmp_path, f"sequence_mixers:\n  bad:\n    {entry}\n")
@@ -194,3 +201,54 @@ def test_zoo_list_shows_strict_and_mask_only_causality(capsys):
     out = capsys.readouterr().out
     assert "| lsh | mask only |" in out and "| mamba | strict |" in out and "| linformer | - |" in out
     assert "| mamba | Gu & Dao 2023, Mamba, arXiv:2312.00752 | time O(N d_inner d_state)" in out  # paper, complexity
+
+
+# -- where the built-in registry comes from -----------------------------------------------------
+ROOT = Path(zoo.__file__).resolve().parents[1]
+LIST_MIXERS = "import zoo.registry as r; print(r.package_file()); print(sorted(r.Registry.load(env=False).names('sequence_mixers')))"
+
+
+def _python(code: str, pythonpath, cwd) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    env.pop("ZOO_REGISTRY", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source checkout")
+def test_a_wheel_ships_the_top_level_registry(tmp_path):
+    """The wheel carries registry.yaml inside the package, and an install from it reads that copy."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("zoo-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("zoo/registry.yaml") == (ROOT / "registry.yaml").read_bytes()
+        z.extractall(tmp_path / "site")
+    where, names = _python(LIST_MIXERS, tmp_path / "site", cwd=tmp_path)
+    assert where == str(tmp_path / "site" / "zoo" / "registry.yaml")
+    assert names == str(sorted(Registry.load(env=False).names("sequence_mixers")))
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source checkout")
+def test_a_checkout_reads_its_top_level_registry_at_once(tmp_path):
+    """An editable install (the package inside a checkout) reads the top-level file, so an edit to it
+    shows at once; the check runs on a copy of the checkout with one mixer added."""
+    import shutil
+
+    shutil.copytree(ROOT / "zoo", tmp_path / "zoo", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    text = (ROOT / "registry.yaml").read_text()
+    added = "sequence_mixers:\n  softmax_copy:\n    class: zoo.mixers.softmax.SoftmaxAttention\n    description: a second name\n    positions: [none, sinusoidal, learned, rope, alibi]\n    backends: [reference, torch, xformers]\n"
+    (tmp_path / "registry.yaml").write_text(text.replace("sequence_mixers:\n", added, 1))
+    where, names = _python(LIST_MIXERS, tmp_path, cwd=tmp_path.parent)
+    assert where == str(tmp_path / "registry.yaml")
+    assert "softmax_copy" in names and "softmax_copy" not in str(sorted(Registry.load(env=False).names("sequence_mixers")))

@@ -39,18 +39,35 @@ def solve_mqar(tokens, n_pairs):
     return {p: pairs[tokens[p].item()] for p in range(2 * n_pairs, len(tokens)) if tokens[p].item() in pairs}
 
 
-@pytest.mark.parametrize("n_queries", [0, 6])
-def test_mqar_scores_the_queries_and_a_lookup_solves_it(n_queries):
-    t = build("mqar", vocab=32, seq_len=32, n_pairs=4, n_queries=n_queries)
+@pytest.mark.parametrize("n_queries,reveal", [(0, False), (6, False), (0, True)])
+def test_mqar_scores_the_queries_and_a_lookup_solves_it(n_queries, reveal):
+    t = build("mqar", vocab=32, seq_len=32, n_pairs=4, n_queries=n_queries, reveal_answers=reveal)
     x, y = t.data["train"].tensors
     assert ((y != IGNORE).sum(1) == (n_queries or 4)).all()
     for row in range(x.shape[0]):
-        answers = solve_mqar(x[row], 4)
+        pairs = {x[row, i].item(): x[row, i + 1].item() for i in range(0, 8, 2)}
         scored = (y[row] != IGNORE).nonzero().flatten().tolist()
-        assert scored and all(answers[p] == y[row, p].item() for p in scored)
-        assert all(x[row, p + 1] == y[row, p] for p in scored)  # the value follows its query
-    keys = x[:, 0:8:2]
-    assert all(len(set(k.tolist())) == 4 for k in keys)  # distinct keys per sequence
+        assert scored and all(pairs[x[row, p].item()] == y[row, p].item() for p in scored)
+        if reveal:  # written after its query (Zoology's task never shows it: the next test)
+            assert all(x[row, p + 1] == y[row, p] for p in scored)
+    keys, values = x[:, 0:8:2], x[:, 1:8:2]
+    assert all(len(set(k.tolist())) == 4 for k in keys) and all(len(set(v.tolist())) == 4 for v in values)
+    assert keys.max() < values.min()  # keys from the lower half, values from the upper
+
+
+def test_mqar_hides_the_answers_and_places_queries_by_power_law():
+    t = build("mqar", vocab=64, seq_len=64, n_pairs=4, train_size=2000)
+    x, y = t.data["train"].tensors
+    q_rows, q_pos = (y != IGNORE).nonzero(as_tuple=True)
+    answers = y[q_rows, q_pos]
+    shown_after = x[q_rows, (q_pos + 1).clamp(max=63)]
+    assert (shown_after == answers).float().mean() < 0.1  # filler, equal to the answer only by chance
+    gaps = (q_pos - 8) // 2  # 28 slots after the 4 pairs
+    uniform = build("mqar", vocab=64, seq_len=64, n_pairs=4, train_size=2000, power_a=1.0)
+    u_gaps = ((uniform.data["train"].tensors[1] != IGNORE).nonzero()[:, 1] - 8) // 2
+    assert gaps.float().mean() < 0.8 * u_gaps.float().mean()  # Zoology's power law favours short gaps
+    zero = build("mqar", vocab=64, seq_len=64, n_pairs=4, filler="zero").data["train"].tensors[0]
+    assert ((zero[:, 8:] == 0) | (zero[:, 8:] <= 31)).all()  # only queried keys among the zeros
 
 
 def test_selective_copy_solver():

@@ -14,7 +14,7 @@ import torch
 import zoo
 from zoo.cli import main as zoo_main
 from zoo.config import Config, apply_overrides, from_dict
-from zoo.train import ZooModule, fit, resolve
+from zoo.train import TrainingModule, fit, resolve
 
 SMALL = {
     "model": {"d_model": 64, "n_layers": 2, "mixer_args": {"n_heads": 2}},
@@ -102,7 +102,7 @@ def test_ddp_two_cpu_processes_sync_metrics(tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    module = ZooModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt").eval()
+    module = TrainingModule.load_from_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt").eval()
     task = zoo.default_registry().build_task("mqar", vocab=16, seq_len=16, n_pairs=1, train_size=512, test_size=64)
     task.setup()
     x, y = task.data["test"].tensors
@@ -234,3 +234,21 @@ def test_report_compare_on_two_fit_runs_and_on_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert zoo_main(["report", str(tmp_path / "empty"), a, "--compare"]) == 2
     assert "holds neither zoo bench results" in capsys.readouterr().err
+
+
+def test_compiled_training_follows_the_eager_losses(tmp_path):
+    """train.compile: true trains the same model (same losses to rounding) and its checkpoint
+    keeps the eager parameter names, so it loads without compiling."""
+    short = ["--train.max_steps", "20", "--train.val_every", "10"]
+    eager = fit(config(tmp_path / "eager", *short))
+    compiled = fit(config(tmp_path / "compiled", *short, "--train.compile", "true"))
+    a, b = _losses(eager["run_dir"]), _losses(compiled["run_dir"])
+    assert a.keys() == b.keys() and a
+    assert all(abs(a[s] - b[s]) <= 1e-3 * max(1.0, abs(a[s])) for s in a), (a, b)
+    ckpt = torch.load(Path(compiled["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+
+
+def test_loggers_are_chosen_by_name(tmp_path):
+    with pytest.raises(zoo.ZooConfigError, match=r"unknown logger in train.loggers 'tensorbord' \(did you mean 'tensorboard'"):
+        config(tmp_path, "--train.loggers", "[csv, tensorbord]")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from zoo.errors import ZooConfigError, ZooDiverged, read_yaml
-from zoo.registry import CHANNEL, ENV_VAR, POSITIONS, SEQUENCE, TASKS, Registry, default_registry
+from zoo.registry import CHANNEL, ENV_VAR, POSITION_SCHEMES, SEQUENCE, TASKS, Registry, default_registry
 
 
 def _yes(flag: bool) -> str:
@@ -53,7 +53,7 @@ def list_table(reg: Registry, device_type: str) -> str:
     for e in reg.entries(CHANNEL):
         lines.append(f"| {e.name} | {backends(e)} | {e.description} |")
     lines += ["", "## Positional schemes", "", "| name | where | description |", "|---|---|---|"]
-    for e in reg.entries(POSITIONS):
+    for e in reg.entries(POSITION_SCHEMES):
         lines.append(f"| {e.name} | {e.where} | {e.description} |")
     lines += ["", "## Tasks", "", "| name | metric | defaults | description |", "|---|---|---|---|"]
     for e in reg.entries(TASKS):

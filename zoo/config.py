@@ -48,7 +48,12 @@ class ModelConfig:
     norm_position: str = "pre"  # pre | post
     dropout: float = 0.0
     head: str = "lm"  # lm | classify
-    tie_weights: bool = True  # lm head shares the embedding matrix
+    # Initial scale of the token and learned-position embeddings: 1 (PyTorch's nn.Embedding) is on
+    # the scale of sinusoidal positions and of what the blocks add under PyTorch's Linear init;
+    # GPT-2's 0.02 left token identity ~25x below the first block's output, and attention then sat
+    # on MQAR's plateau in every seed tried (docs/findings.md)
+    embed_std: float = 1.0
+    tie_weights: bool = False  # lm head shares the embedding matrix (then logits scale with embed_std)
     n_classes: int = 0  # classify head only
     pool: str = "mean"  # classify head: mean | last | first
 
@@ -66,6 +71,8 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "max_len"):
             if getattr(self, key) < 1:
                 raise ZooConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.embed_std > 0:
+            raise ZooConfigError(f"model.embed_std must be > 0, got {self.embed_std}")
         if not 0.0 <= self.dropout < 1.0:
             raise ZooConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.head == "classify" and self.n_classes < 2:
@@ -94,6 +101,9 @@ class TaskConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+LOGGERS = ("csv", "tensorboard")  # train.loggers: the Lightning loggers a run can write, by name
+
+
 @dataclass
 class TrainConfig:
     """How to train: optimiser, schedule, precision, devices, logging."""
@@ -120,6 +130,9 @@ class TrainConfig:
     overwrite: bool = False  # replace an earlier run of the same name (else refused)
     threads: int = 0  # torch.set_num_threads; 0: leave as is
     progress: bool = True
+    compile: bool = False  # torch.compile the model (in place: checkpoints keep their parameter names)
+    # Lightning loggers: csv (metrics.csv) is always written, as the zoo reads it back; add tensorboard
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "val_every"):
@@ -136,6 +149,9 @@ class TrainConfig:
             raise ZooConfigError(f"train.stop_at is a validation accuracy in [0, 1] (0: off), got {self.stop_at}")
         if self.num_nodes < 1:
             raise ZooConfigError(f"train.num_nodes must be >= 1, got {self.num_nodes}")
+        for name in self.loggers:
+            if name not in LOGGERS:
+                raise unknown("logger in train.loggers", name, LOGGERS)
 
 
 @dataclass

@@ -2,9 +2,13 @@
 
 A sequence mixer is ``Mixer(d_model, *, causal, **hyper)`` mapping ``(B, T, d_model)`` to the
 same shape. One that decodes offers ``init_state(batch)`` and ``step(x_t, state) -> (y_t,
-state)`` with ``x_t`` of shape ``(B, d_model)``. One with several implementations declares them
-in ``BACKENDS`` (name -> :class:`Backend`) and its preference for ``backend="auto"`` in
-``AUTO_ORDER``; :meth:`SequenceMixer.backend_for` picks per device, once per device type.
+state)`` with ``x_t`` of shape ``(B, d_model)``.
+
+Backends, one way for every mixer: each implementation is a method marked ``@implements(name,
+op=...)`` (``attend_torch`` implements ``attend`` for the ``torch`` backend), the mixer calls
+``self.implementation(op, device)`` and runs what it returns, and ``AUTO_ORDER`` is its
+preference for ``backend="auto"``. The backend names are stated once, in the registry's
+``backends``; the registry checks at load that the class implements exactly those.
 
 Causality is on values: with ``causal=True`` changing inputs after t leaves outputs up to t
 bit-identical. A mixer that is causal only in its mask (as published) says why in
@@ -50,8 +54,20 @@ class Backend:
         return f"needs the package {self.package!r}{extra}"
 
 
-REFERENCE = Backend()
-TORCH = Backend()
+ALL_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def implements(*backends: str, op: str, package: str | None = None, extra: str | None = None,
+               devices: tuple[str, ...] = ALL_DEVICES):
+    """Marks a method of a :class:`SequenceMixer` as its operation ``op`` on each of ``backends``;
+    ``package``, ``extra`` and ``devices`` say what that backend needs (see :class:`Backend`)."""
+    spec = Backend(package, extra, tuple(devices))
+
+    def mark(fn):
+        fn.zoo_implements = (op, backends, spec)
+        return fn
+
+    return mark
 
 
 class SequenceMixer(nn.Module):
@@ -61,18 +77,44 @@ class SequenceMixer(nn.Module):
     constructor signature and the shape contract.
     """
 
-    BACKENDS: dict[str, Backend] = {"reference": REFERENCE}
     AUTO_ORDER: tuple[str, ...] = ("reference",)
+    _methods: dict[tuple[str, str], str] = {}  # (op, backend) -> method name, from @implements
+    _backends: dict[str, Backend] = {"reference": Backend()}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        methods, specs = {}, {}
+        for klass in reversed(cls.__mro__):
+            for name, fn in vars(klass).items():
+                op, backends, spec = getattr(fn, "zoo_implements", (None, (), None))
+                for b in backends:
+                    if specs.setdefault(b, spec) != spec:
+                        raise TypeError(f"{cls.__name__}: backend {b!r} declared with two different requirements")
+                    methods[op, b] = name
+        for op in {op for op, _ in methods}:
+            missing = [b for b in specs if (op, b) not in methods]
+            if missing:
+                raise TypeError(f"{cls.__name__}: {op} has no implementation for backend(s) {missing} "
+                                f"(mark one with @implements(..., op={op!r}))")
+        if methods:
+            unknown_auto = [b for b in cls.AUTO_ORDER if b not in specs]
+            if unknown_auto:
+                raise TypeError(f"{cls.__name__}.AUTO_ORDER names {unknown_auto}, which it does not implement")
+            cls._methods, cls._backends = methods, specs
+
+    @classmethod
+    def backends(cls) -> dict[str, Backend]:
+        """The backends this class implements (name -> what it needs)."""
+        return dict(cls._backends)
 
     def __init__(self, d_model: int, *, causal: bool, backend: str = "auto"):
         super().__init__()
         at_least(type(self).__name__, 1, d_model=d_model)
-        if backend != "auto" and backend not in self.BACKENDS:
-            raise unknown(f"backend of {type(self).__name__}", backend, [*self.BACKENDS, "auto"])
-        if backend != "auto" and not self.BACKENDS[backend].installed():
-            raise ZooConfigError(
-                f"backend {backend!r} of {type(self).__name__} {self.BACKENDS[backend].missing()}"
-            )
+        specs = self.backends()
+        if backend != "auto" and backend not in specs:
+            raise unknown(f"backend of {type(self).__name__}", backend, [*specs, "auto"])
+        if backend != "auto" and not specs[backend].installed():
+            raise ZooConfigError(f"backend {backend!r} of {type(self).__name__} {specs[backend].missing()}")
         self.d_model = d_model
         self.causal = bool(causal)
         self.backend = backend
@@ -80,21 +122,25 @@ class SequenceMixer(nn.Module):
 
     def backend_for(self, device: torch.device) -> str:
         """The backend that runs on ``device``: the requested one, or auto's first available."""
-        dev = device.type
+        dev, specs = device.type, self._backends
         if self.backend != "auto":
-            spec = self.BACKENDS[self.backend]
+            spec = specs[self.backend]
             if dev not in spec.devices:
                 raise ZooConfigError(
                     f"backend {self.backend!r} of {type(self).__name__} runs on "
                     f"{', '.join(spec.devices)}, not on {dev}; use backend='auto' or one of "
-                    f"{', '.join(n for n, b in self.BACKENDS.items() if b.runs_on(dev))}"
+                    f"{', '.join(n for n, b in specs.items() if b.runs_on(dev))}"
                 )
             return self.backend
         if dev not in self._auto:
             self._auto[dev] = next(
-                (n for n in self.AUTO_ORDER if self.BACKENDS[n].runs_on(dev)), "reference"
+                (n for n in self.AUTO_ORDER if specs[n].runs_on(dev)), "reference"
             )
         return self._auto[dev]
+
+    def implementation(self, op: str, device: torch.device):
+        """The bound method that runs ``op`` with the backend chosen for ``device``."""
+        return getattr(self, self._methods[op, self.backend_for(device)])
 
     @property
     def causal_leak(self) -> str | None:

@@ -112,9 +112,11 @@ class ZooModel(nn.Module):
             cfg = dataclasses.replace(cfg, position=resolve_position(cfg, reg))
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        additive = {"sinusoidal": SinusoidalPosition, "learned": LearnedPosition}
-        self.pos = additive[cfg.position](cfg.d_model, cfg.max_len) if cfg.position in additive else None
+        nn.init.normal_(self.embed.weight, std=cfg.embed_std)
+        if cfg.position == "learned":
+            self.pos = LearnedPosition(cfg.d_model, cfg.max_len, std=cfg.embed_std)
+        else:
+            self.pos = SinusoidalPosition(cfg.d_model, cfg.max_len) if cfg.position == "sinusoidal" else None
         self.drop = nn.Dropout(cfg.dropout)
 
         for n in cfg.mixers:

@@ -1,4 +1,4 @@
-"""The registry: every name a user can type, read from ``zoo/registry.yaml`` plus overlays.
+"""The registry: every name a user can type, read from the top-level ``registry.yaml`` plus overlays.
 
 Overlays are the user's own YAML files of the same shape, named by ``Registry.load(path)``,
 by ``zoo --registry PATH``, or by the environment variable ``ZOO_REGISTRY`` (several paths
@@ -19,15 +19,26 @@ from typing import Any
 
 from torch import nn
 
+from zoo.contract import SequenceMixer
 from zoo.errors import ZooConfigError, read_yaml, unknown
 from zoo.nn.positions import IN_ATTENTION, SCHEMES
 
-PACKAGE_FILE = Path(__file__).with_name("registry.yaml")
+
+def package_file() -> Path:
+    """The built-in registry: ``registry.yaml`` at the top of a source checkout (an editable install
+    reads it, so editing it changes ``zoo list`` at once), else the copy a wheel ships inside the
+    package (``setup.py`` puts it there)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "registry.yaml").is_file():
+        return checkout / "registry.yaml"
+    return Path(__file__).with_name("registry.yaml")
+
 ENV_VAR = "ZOO_REGISTRY"
 
-SEQUENCE, CHANNEL, POSITIONS, TASKS = "sequence_mixers", "channel_mixers", "positions", "tasks"
-KINDS = (SEQUENCE, CHANNEL, POSITIONS, TASKS)
-_KIND_WORD = {SEQUENCE: "sequence mixer", CHANNEL: "channel mixer", POSITIONS: "positional scheme", TASKS: "task"}
+SEQUENCE, CHANNEL, POSITION_SCHEMES, TASKS = "sequence_mixers", "channel_mixers", "positions", "tasks"
+KINDS = (SEQUENCE, CHANNEL, POSITION_SCHEMES, TASKS)
+_KIND_WORD = {SEQUENCE: "sequence mixer", CHANNEL: "channel mixer", POSITION_SCHEMES: "positional scheme",
+              TASKS: "task"}
 
 _COMMON = {"description", "paper", "notes", "replace"}
 _KEYS = {
@@ -35,11 +46,11 @@ _KEYS = {
     | {"class", "defaults", "tiny", "causal", "strictly_causal", "bidirectional", "decode", "positions",
        "default_position", "backends", "complexity"},
     CHANNEL: _COMMON | {"class", "defaults", "tiny", "backends", "complexity"},
-    POSITIONS: _COMMON | {"where"},
+    POSITION_SCHEMES: _COMMON | {"where"},
     TASKS: _COMMON | {"class", "defaults", "tiny", "metric"},
 }
 _REQUIRED = {SEQUENCE: {"class", "description"}, CHANNEL: {"class", "description"},
-             POSITIONS: {"description", "where"}, TASKS: {"class", "description"}}
+             POSITION_SCHEMES: {"description", "where"}, TASKS: {"class", "description"}}
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class Entry:
 
     def available_backends(self, device_type: str) -> dict[str, str]:
         """backend -> '' when it runs on ``device_type``, else the reason it does not."""
-        specs = getattr(self.cls, "BACKENDS", {})
+        specs = self.cls.backends() if issubclass(self.cls, SequenceMixer) else {}
         out = {}
         for b in self.backends:
             spec = specs.get(b)
@@ -157,7 +168,7 @@ class Registry:
     def load(cls, *overlays: str | os.PathLike, env: bool = True) -> Registry:
         """The package registry, then the ``ZOO_REGISTRY`` files (if ``env``), then ``overlays``."""
         reg = cls()
-        paths: list[str | os.PathLike] = [PACKAGE_FILE]
+        paths: list[str | os.PathLike] = [package_file()]
         if env and os.environ.get(ENV_VAR):
             paths += [p for p in os.environ[ENV_VAR].split(os.pathsep) if p]
         for p in [*paths, *overlays]:
@@ -192,7 +203,7 @@ class Registry:
         if missing:
             raise ZooConfigError(f"{where}: missing required key(s) {sorted(missing)}")
         clash = next((k for k in (SEQUENCE, CHANNEL) if name in self._entries[k]), None)
-        if kind in (POSITIONS, TASKS):
+        if kind in (POSITION_SCHEMES, TASKS):
             clash = kind if name in self._entries[kind] else None
         if clash and not raw.get("replace"):
             old = self._entries[clash][name]
@@ -220,7 +231,7 @@ class Registry:
             if key in fields:
                 fields[key] = dict(fields[key] or {})
         entry = Entry(kind=kind, name=name, source=source, class_path=raw.get("class", ""), **fields)
-        if kind == POSITIONS:
+        if kind == POSITION_SCHEMES:
             if name not in SCHEMES:
                 raise unknown("positional scheme (schemes are built into the model)", name, SCHEMES, source)
         elif kind == TASKS:
@@ -253,16 +264,18 @@ class Registry:
                     f"{where}: lists {sorted(set(e.positions) & set(IN_ATTENTION))} in positions "
                     f"but {e.class_path} takes no 'position' keyword"
                 )
-        stated = getattr(cls, "POSITIONS", None)  # what the class can do; the registry must say the same
-        if e.kind == SEQUENCE and stated is not None and set(stated) != set(e.positions):
+        honoured = getattr(cls, "IN_ATTENTION", None)  # the in-attention schemes its code applies
+        listed = tuple(p for p in e.positions if p in IN_ATTENTION)
+        if e.kind == SEQUENCE and honoured is not None and set(honoured) != set(listed):
             raise ZooConfigError(
-                f"{where}: positions {list(e.positions)} differ from {e.class_path}.POSITIONS {list(stated)}"
+                f"{where}: positions list the in-attention schemes {list(listed)} but {e.class_path} "
+                f"applies {list(honoured)} (its IN_ATTENTION)"
             )
-        declared = getattr(cls, "BACKENDS", None)
-        if declared is not None and set(declared) != set(e.backends):
+        implemented = cls.backends() if issubclass(cls, SequenceMixer) else None
+        if implemented is not None and set(implemented) != set(e.backends):
             raise ZooConfigError(
-                f"{where}: backends {list(e.backends)} differ from {e.class_path}.BACKENDS "
-                f"{list(declared)}"
+                f"{where}: backends {list(e.backends)} differ from the backends {e.class_path} implements "
+                f"{list(implemented)} (its @implements methods)"
             )
         for key in ("defaults", "tiny"):
             check_kwargs(cls, getattr(e, key), f"{where} ({key})")

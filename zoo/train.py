@@ -1,4 +1,4 @@
-"""Training: ``ZooModule`` (a LightningModule) and the Trainer that ``zoo fit`` runs.
+"""Training: ``TrainingModule`` (a LightningModule) and the Trainer that ``zoo fit`` runs.
 
 Lightning does the loop, devices, precision, checkpoints and logging; torchmetrics does the
 metrics. What is the zoo's own: the loss over the scored positions plus the model's auxiliary
@@ -36,7 +36,7 @@ from zoo.registry import default_registry
 from zoo.tasks.base import IGNORE, Task
 
 
-class ZooModule(L.LightningModule):
+class TrainingModule(L.LightningModule):
     """A model from a config, trained on a task's (tokens, targets).
 
     ``config`` is the resolved config as a plain dict (so the checkpoint alone rebuilds the
@@ -47,6 +47,8 @@ class ZooModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: Config = from_dict(Config, config)
         self.model = build_model(self.cfg.model)
+        if self.cfg.train.compile:  # in place (nn.Module.compile): the state dict keeps its names
+            self.model.compile()
         m = self.cfg.model
         self.lm = m.head == "lm"
         classes = m.vocab_size if self.lm else m.n_classes
@@ -206,8 +208,10 @@ def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
     if t.stop_at:  # Zoology's rule: done once validation accuracy reaches the target
         callbacks.append(cb.EarlyStopping(monitor="val/accuracy", mode="max", stopping_threshold=t.stop_at,
                                           patience=10**9, check_on_train_epoch_end=False))
-    loggers = [CSVLogger(run_dir, name="", version="")]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+    loggers = [CSVLogger(run_dir, name="", version="")]  # always: the zoo reads metrics.csv back
+    if "tensorboard" in t.loggers:
+        if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+            raise ZooConfigError("train.loggers names tensorboard, which is not installed (pip install tensorboard)")
         from lightning.pytorch.loggers import TensorBoardLogger
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     kwargs = dict(
@@ -301,7 +305,7 @@ def fit(cfg: Config, resume: str | None = None, **trainer_overrides: Any) -> dic
     earlier = read_metrics(run_dir / "metrics.csv") if resume else []
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = ZooModule(to_dict(cfg), test_names=task.test_names())
+    module = TrainingModule(to_dict(cfg), test_names=task.test_names())
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=task, ckpt_path=resume)

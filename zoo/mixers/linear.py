@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from zoo.contract import REFERENCE, TORCH
+from zoo.contract import implements
 from zoo.errors import at_least, unknown
 from zoo.nn.attention import AttentionMixer
 
@@ -85,9 +85,8 @@ class CausalChunked(torch.autograd.Function):
 
 
 class LinearAttention(AttentionMixer):
-    BACKENDS = {"reference": REFERENCE, "torch": TORCH}
     AUTO_ORDER = ("torch",)
-    POSITIONS = ("none", "sinusoidal", "learned")
+    IN_ATTENTION = ()  # no scores to bias (alibi); rope would break the feature map's positivity
 
     def __init__(self, d_model: int, *, causal: bool, feature_map: str = "elu", chunk: int = 64,
                  eps: float = 1e-6, **attention):
@@ -98,13 +97,17 @@ class LinearAttention(AttentionMixer):
         self.feature_map, self.phi = feature_map, FEATURE_MAPS[feature_map]
         self.chunk, self.eps = chunk, eps
 
-    def attend(self, q, k, v):
+    @implements("reference", op="attend")
+    def attend_reference(self, q, k, v):
         q, k = self.phi(q), self.phi(k)
-        if self.backend_for(q.device) == "reference":
-            A = q @ k.transpose(-2, -1)  # (B, H, T, T)
-            if self.causal:
-                A = A.tril()
-            return (A @ v) / (A.sum(-1, keepdim=True) + self.eps)
+        A = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        if self.causal:
+            A = A.tril()
+        return (A @ v) / (A.sum(-1, keepdim=True) + self.eps)
+
+    @implements("torch", op="attend")
+    def attend_torch(self, q, k, v):
+        q, k = self.phi(q), self.phi(k)
         if not self.causal:
             S = k.transpose(-2, -1) @ v  # (B, H, d, dv)
             z = k.sum(-2)  # (B, H, d)

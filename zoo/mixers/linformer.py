@@ -20,15 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.contract import REFERENCE, TORCH
+from zoo.contract import implements
 from zoo.errors import ZooConfigError
 from zoo.nn.attention import AttentionMixer
 
 
 class LinformerAttention(AttentionMixer):
-    BACKENDS = {"reference": REFERENCE, "torch": TORCH}
     AUTO_ORDER = ("torch",)
-    POSITIONS = ("none", "sinusoidal", "learned")
+    IN_ATTENTION = ()  # rope and alibi: not defined through the projection along the sequence
 
     def __init__(self, d_model: int, *, causal: bool, max_len: int = 4096, k: int = 256,
                  share_kv: bool = False, share_heads: bool = True, **attention):
@@ -46,20 +45,27 @@ class LinformerAttention(AttentionMixer):
         self.proj_k = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
         self.proj_v = None if share_kv else nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
-    def attend(self, q, k, v):
-        T = k.shape[-2]
+    def projections(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """E and F for ``T`` positions: (T, k), or (H, T, k) when heads do not share them."""
         if T > self.max_len:
             raise ZooConfigError(
                 f"linformer was built for max_len={self.max_len} positions and got {T}; "
                 "build it with max_len >= the longest input"
             )
-        E = self.proj_k[..., :T, :]  # (T, k) or (H, T, k)
-        Fm = E if self.proj_v is None else self.proj_v[..., :T, :]
-        if self.backend_for(q.device) == "reference":
-            eq = "bhtd,tk->bhkd" if self.share_heads else "bhtd,htk->bhkd"
-            kp, vp = torch.einsum(eq, k, E), torch.einsum(eq, v, Fm)
-            scores = torch.einsum("bhnd,bhkd->bhnk", q, kp) * self.scale
-            return torch.einsum("bhnk,bhkd->bhnd", scores.softmax(-1), vp)
+        E = self.proj_k[..., :T, :]
+        return E, (E if self.proj_v is None else self.proj_v[..., :T, :])
+
+    @implements("reference", op="attend")
+    def attend_reference(self, q, k, v):
+        E, Fm = self.projections(k.shape[-2])
+        eq = "bhtd,tk->bhkd" if self.share_heads else "bhtd,htk->bhkd"
+        kp, vp = torch.einsum(eq, k, E), torch.einsum(eq, v, Fm)
+        scores = torch.einsum("bhnd,bhkd->bhnk", q, kp) * self.scale
+        return torch.einsum("bhnk,bhkd->bhnd", scores.softmax(-1), vp)
+
+    @implements("torch", op="attend")
+    def attend_torch(self, q, k, v):
+        E, Fm = self.projections(k.shape[-2])
         if not self.share_heads:
             E, Fm = E[None], Fm[None]
         kp = E.transpose(-2, -1) @ k  # (B, H, k, d)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.contract import REFERENCE, TORCH
+from zoo.contract import implements
 from zoo.errors import ZooConfigError
 from zoo.nn.attention import AttentionMixer
 
@@ -38,9 +38,8 @@ SELF_SCORE = -5e4  # a position's score for itself: used only when nothing else 
 
 
 class LSHAttention(AttentionMixer):
-    BACKENDS = {"reference": REFERENCE, "torch": TORCH}
     AUTO_ORDER = ("torch",)
-    POSITIONS = ("none", "sinusoidal", "learned")
+    IN_ATTENTION = ()  # shared QK is hashed before any score exists: no rope, no alibi
 
     def __init__(self, d_model: int, *, causal: bool, bucket_size: int = 64, n_hashes: int = 4,
                  n_buckets: int = 0, seed: int = 0, **attention):
@@ -92,20 +91,20 @@ class LSHAttention(AttentionMixer):
         rot = torch.einsum("bhtd,dri->bhrti", x.detach(), self._rotations[key])
         return torch.cat((rot, -rot), -1).argmax(-1)
 
-    def attend(self, q, k, v):
-        B, H, T, hd = q.shape
+    def sort_order(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, hd) -> (B, H, r, T): positions sorted by (bucket, position), per hash round."""
+        T = q.shape[2]
         buckets = self.hash(q, self.buckets_for(T))  # (B, H, r, T)
-        pos = torch.arange(T, device=q.device)
-        order = (buckets * T + pos).argsort(-1)  # sort by (bucket, position), per round
-        if self.backend_for(q.device) == "reference":
-            return self._attend_dense(q, k, v, order)
-        return self._attend_chunked(q, k, v, order)
+        return (buckets * T + torch.arange(T, device=q.device)).argsort(-1)
 
     def _combine(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Rounds (B, H, r, T, hd) weighted by softmax over rounds of their log-sum-exp."""
         return (o * lse.softmax(2)[..., None]).sum(2)
 
-    def _attend_dense(self, q, k, v, order):
+    @implements("reference", op="attend")
+    def attend_reference(self, q, k, v):
+        """Dense: the T x T scores, masked to each position's own chunk and the one before."""
+        order = self.sort_order(q)
         B, H, T, hd = q.shape
         c = min(self.bucket_size, T)  # a chunk never exceeds the sequence (one chunk either way)
         n_chunks = math.ceil(T / c)
@@ -122,7 +121,10 @@ class LSHAttention(AttentionMixer):
         o = (scores - lse[..., None]).exp() @ v[:, :, None]  # (B, H, r, T, hd)
         return self._combine(o, lse)
 
-    def _attend_chunked(self, q, k, v, order):
+    @implements("torch", op="attend")
+    def attend_torch(self, q, k, v):
+        """Chunked, as Reformer: gather the sorted positions, attend within chunk pairs."""
+        order = self.sort_order(q)
         B, H, T, hd = q.shape
         r, c = self.n_hashes, min(self.bucket_size, T)
         n = math.ceil(T / c)

@@ -27,23 +27,19 @@ Decoding: conv state (B, d_inner, d_conv) and SSM state (B, d_inner, N), constan
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.contract import REFERENCE, TORCH, Backend, SequenceMixer
+from zoo.contract import SequenceMixer, implements
 from zoo.errors import ZooConfigError
 from zoo.mixers import selective_scan
 
 
 class Mamba(SequenceMixer):
-    BACKENDS = {
-        "reference": REFERENCE,
-        "torch": TORCH,
-        "mamba_ssm": Backend(package="mamba_ssm", extra="gpu", devices=("cuda",)),
-    }
     AUTO_ORDER = ("mamba_ssm", "torch")
 
     def __init__(
@@ -102,20 +98,34 @@ class Mamba(SequenceMixer):
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return dt @ self.dt_proj.weight.t(), Bm, Cm
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, L, d_model)
-        backend = self.backend_for(u.device)
-        if backend == "mamba_ssm" and u.shape[0] and u.shape[1] and selective_scan.has_causal_conv1d():
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, L, d_model) -> (B, L, d_model)
+        return self.implementation("forward", u.device)(u)
+
+    @implements("reference", op="forward")
+    def forward_reference(self, u: torch.Tensor) -> torch.Tensor:
+        return self.unfused(u, selective_scan.conv_silu, selective_scan.reference_scan)
+
+    @implements("torch", op="forward")
+    def forward_torch(self, u: torch.Tensor) -> torch.Tensor:
+        scan = functools.partial(selective_scan.fast_scan, chunk=self.chunk)
+        return self.unfused(u, selective_scan.fast_conv_silu, scan)
+
+    @implements("mamba_ssm", op="forward", package="mamba_ssm", extra="gpu", devices=("cuda",))
+    def forward_mamba_ssm(self, u: torch.Tensor) -> torch.Tensor:
+        if u.shape[0] and u.shape[1] and selective_scan.has_causal_conv1d():
             return selective_scan.mamba_ssm_block(self, u)  # the fused CUDA block, as upstream
+        return self.unfused(u, selective_scan.conv_silu, selective_scan.mamba_ssm_scan, fp32_params=True)
+
+    def unfused(self, u: torch.Tensor, conv_silu, scan, fp32_params: bool = False) -> torch.Tensor:
+        """The block with the given causal conv + silu and selective scan (see the module doc)."""
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, d_inner)
         if x.shape[0] == 0 or x.shape[1] == 0:  # empty: nothing to scan
             return self.out_proj(x)
-        x = selective_scan.conv_silu(backend, x, self.conv1d)
+        x = conv_silu(x, self.conv1d)
         delta, Bm, Cm = self.ssm_inputs(x)
-        if backend == "mamba_ssm":  # the kernel takes A, D and the dt bias in fp32, as upstream
-            A, D, bias = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
-        else:
-            A, D, bias = -torch.exp(self.A_log.to(x.dtype)), self.D.to(x.dtype), self.dt_proj.bias.to(x.dtype)
-        y = selective_scan.scan(backend, x, delta, A, Bm, Cm, D, z, bias, chunk=self.chunk)
+        dtype = torch.float32 if fp32_params else x.dtype  # mamba-ssm's kernel takes them in fp32
+        A, D, bias = -torch.exp(self.A_log.to(dtype)), self.D.to(dtype), self.dt_proj.bias.to(dtype)
+        y = scan(x, delta, A, Bm, Cm, D, z, bias)
         return self.out_proj(y)
 
     # -- decoding ----------------------------------------------------------------------------
@@ -128,8 +138,17 @@ class Mamba(SequenceMixer):
     def step(self, u_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """u_t (B, d_model) -> (B, d_model); O(d_inner * (d_conv + N)) per token. Returns a new
         state; the one given is never changed."""
-        if self.backend_for(u_t.device) == "mamba_ssm" and selective_scan.has_causal_conv1d():
+        return self.implementation("step", u_t.device)(u_t, state)
+
+    @implements("mamba_ssm", op="step", package="mamba_ssm", extra="gpu", devices=("cuda",))
+    def step_mamba_ssm(self, u_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        if selective_scan.has_causal_conv1d():
             return selective_scan.mamba_ssm_step(self, u_t, state)
+        return self.step_recurrent(u_t, state)
+
+    @implements("reference", "torch", op="step")
+    def step_recurrent(self, u_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """The recurrence in plain PyTorch, one position."""
         x, z = self.in_proj(u_t).chunk(2, dim=-1)  # (B, d_inner)
         conv = torch.cat((state["conv"][..., 1:], x[..., None]), -1)  # the last d_conv inputs
         x = (conv * self.conv1d.weight[:, 0]).sum(-1)

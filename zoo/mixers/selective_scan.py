@@ -25,16 +25,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from zoo.errors import ZooConfigError
 
-
-def scan(backend: str, u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
-    if backend == "reference":
-        return reference_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias)
-    if backend == "mamba_ssm":
-        return mamba_ssm_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias)
-    if backend != "torch":
-        raise ZooConfigError(f"unknown selective-scan backend {backend!r}; allowed: reference, torch, mamba_ssm")
+def fast_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
+    """The ``torch`` backend's scan: the C++ kernel on the CPU (fp32/fp64) where it builds, else
+    the chunked scan in PyTorch."""
     if u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and cpp_available():
         return _CppScan.apply(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk)
     return chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk)
@@ -164,14 +158,18 @@ class _CppConvSiLU(torch.autograd.Function):
         return gx, gw.view(ctx.wshape), gb if ctx.has_bias else None
 
 
-def conv_silu(backend: str, x, conv: torch.nn.Conv1d):
+def conv_silu(x, conv: torch.nn.Conv1d):
     """silu(conv(x))[:, :L] for Mamba's causal depthwise ``conv`` (groups = channels, padding
-    K - 1); x and the result are (B, L, D). The torch backend on the CPU runs the C++ kernel
-    (no transposes to (B, D, L) and back); everything else runs ``conv`` itself."""
-    if backend == "torch" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
-            and cpp_available():
-        return _CppConvSiLU.apply(x, conv.weight, conv.bias)
+    K - 1); x and the result are (B, L, D). Runs ``conv`` itself."""
     return F.silu(conv(x.transpose(1, 2))[..., : x.shape[1]]).transpose(1, 2)
+
+
+def fast_conv_silu(x, conv: torch.nn.Conv1d):
+    """The same through the C++ kernel on the CPU (fp32/fp64; no transposes to (B, D, L) and
+    back), else :func:`conv_silu`."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpp_available():
+        return _CppConvSiLU.apply(x, conv.weight, conv.bias)
+    return conv_silu(x, conv)
 
 
 # -- mamba-ssm -------------------------------------------------------------------------------------

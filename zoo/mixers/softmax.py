@@ -14,36 +14,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.contract import REFERENCE, TORCH, Backend, claim_buffers
+from zoo.contract import claim_buffers, implements
 from zoo.nn.attention import AttentionMixer
 
 
 class SoftmaxAttention(AttentionMixer):
-    BACKENDS = {
-        "reference": REFERENCE,
-        "torch": TORCH,
-        "xformers": Backend(package="xformers", extra="gpu", devices=("cuda",)),
-    }
     AUTO_ORDER = ("torch",)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        backend = self.backend_for(q.device)
-        p = self.dropout if self.training else 0.0
-        tq, tk = q.shape[-2], k.shape[-2]
-        if backend == "torch" and not self.uses_alibi and (tq == tk or tq == 1):
-            # Fast path: the fused kernels' own causal mask (a single query sees every key).
-            causal = self.causal and tq > 1
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-        bias = self.score_bias(tq, tk, q.device, q.dtype)
-        if backend == "torch":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        if backend == "xformers":
-            return _xformers_attend(q, k, v, bias, self.causal and not self.uses_alibi, p)
+    @implements("reference", op="attend")
+    def attend_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
+        bias = self.score_bias(q.shape[-2], k.shape[-2], q.device, q.dtype)
         if bias is not None:
             scores = scores + bias
-        probs = F.dropout(scores.softmax(dim=-1), p)
+        probs = F.dropout(scores.softmax(dim=-1), self.dropout if self.training else 0.0)
         return probs @ v  # (B, H, Tq, hd)
+
+    @implements("torch", op="attend")
+    def attend_torch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        tq, tk = q.shape[-2], k.shape[-2]
+        if not self.uses_alibi and (tq == tk or tq == 1):
+            # Fast path: the fused kernels' own causal mask (a single query sees every key).
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal and tq > 1)
+        bias = self.score_bias(tq, tk, q.device, q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+
+    @implements("xformers", op="attend", package="xformers", extra="gpu", devices=("cuda",))
+    def attend_xformers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        bias = self.score_bias(q.shape[-2], k.shape[-2], q.device, q.dtype)
+        p = self.dropout if self.training else 0.0
+        return _xformers_attend(q, k, v, bias, self.causal and not self.uses_alibi, p)
 
     # -- decoding: a KV cache that doubles its capacity when full ------------------------
     def init_state(self, batch: int, device=None, dtype=None, capacity: int = 64) -> dict:

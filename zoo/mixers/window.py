@@ -23,14 +23,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from zoo.contract import REFERENCE, TORCH, claim_buffers
+from zoo.contract import claim_buffers, implements
 from zoo.errors import ZooConfigError
 from zoo.nn.attention import AttentionMixer
 from zoo.nn.positions import alibi_bias
 
 
 class WindowAttention(AttentionMixer):
-    BACKENDS = {"reference": REFERENCE, "torch": TORCH}
     AUTO_ORDER = ("torch",)
 
     def __init__(
@@ -83,19 +82,19 @@ class WindowAttention(AttentionMixer):
         ok = self.band(pos[:, None], pos[None, :]) | is_g[None, :] | is_g[:, None]
         return ok & (pos[None, :] <= pos[:, None]) if self.causal else ok
 
-    def attend(self, q, k, v):
+    @implements("reference", op="attend")
+    def attend_reference(self, q, k, v):
         T = k.shape[-2]  # decoding goes through step(), so Tq == Tk here
-        if self.backend_for(q.device) == "reference":
-            scores = (q @ k.transpose(-2, -1)) * self.scale
-            if self.uses_alibi:
-                pos = torch.arange(T, device=q.device)
-                scores = scores + alibi_bias(self.alibi_slopes, pos, pos).to(q.dtype)
-            scores = scores.masked_fill(~self.dense_mask(T, q.device), float("-inf"))
-            return scores.softmax(-1) @ v
-        return self._attend_blocked(q, k, v)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if self.uses_alibi:
+            pos = torch.arange(T, device=q.device)
+            scores = scores + alibi_bias(self.alibi_slopes, pos, pos).to(q.dtype)
+        scores = scores.masked_fill(~self.dense_mask(T, q.device), float("-inf"))
+        return scores.softmax(-1) @ v
 
     # -- the blocked backend ----------------------------------------------------------------
-    def _attend_blocked(self, q, k, v):
+    @implements("torch", op="attend")
+    def attend_torch(self, q, k, v):
         B, H, T, hd = q.shape
         b = min(self.block, T)  # block length; a block never exceeds the sequence
         back = math.ceil((self.reach - 1) / b)  # key blocks of look-back (and look-ahead when bidirectional)

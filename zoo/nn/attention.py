@@ -18,7 +18,7 @@ from torch import nn
 
 from zoo.contract import SequenceMixer
 from zoo.errors import ZooConfigError, at_least
-from zoo.nn.positions import Rotary, alibi_bias, alibi_slopes
+from zoo.nn.positions import IN_ATTENTION, SCHEMES, Rotary, alibi_bias, alibi_slopes
 
 
 class AttentionMixer(SequenceMixer):
@@ -36,10 +36,12 @@ class AttentionMixer(SequenceMixer):
         rope_base: RoPE frequency base.
         bias: biases on the projections.
         dropout: dropout on the attention probabilities (training only).
-        backend: implementation of ``attend`` (see the subclass's ``BACKENDS``).
+        backend: implementation of ``attend`` (the subclass's ``@implements`` methods).
     """
 
-    POSITIONS: tuple[str, ...] = ("none", "sinusoidal", "learned", "rope", "alibi")
+    # The in-attention schemes this variant's ``attend`` honours (the additive ones are the
+    # model's business). The registry's ``positions`` must agree; it is checked at load.
+    IN_ATTENTION: tuple[str, ...] = IN_ATTENTION
 
     def __init__(
         self,
@@ -67,10 +69,10 @@ class AttentionMixer(SequenceMixer):
                     "choose n_heads dividing d_model or set head_dim"
                 )
             head_dim = d_model // n_heads
-        if position not in self.POSITIONS:
+        allowed = [p for p in SCHEMES if p not in IN_ATTENTION or p in self.IN_ATTENTION]
+        if position not in allowed:
             raise ZooConfigError(
-                f"{type(self).__name__} cannot use position={position!r}; "
-                f"allowed: {', '.join(self.POSITIONS)}"
+                f"{type(self).__name__} cannot use position={position!r}; allowed: {', '.join(allowed)}"
             )
         self.n_heads, self.head_dim, self.position = n_heads, head_dim, position
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -102,14 +104,16 @@ class AttentionMixer(SequenceMixer):
         return self.merge(self.attend(q, k, v))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
+        """The variant's attention, by the backend chosen for the device: its methods marked
+        ``@implements(backend, op="attend")``."""
+        return self.implementation("attend", q.device)(q, k, v)
 
     # -- what a variant's attend needs ---------------------------------------------------
     @property
     def uses_alibi(self) -> bool:
         return self.position == "alibi"
 
-    def positions(self, tq: int, tk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_key_positions(self, tq: int, tk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions of the queries (the last tq) and of the keys."""
         k_pos = torch.arange(tk, device=device)
         return k_pos[tk - tq :], k_pos
@@ -118,7 +122,7 @@ class AttentionMixer(SequenceMixer):
         """Additive bias on the scores, (H or 1, tq, tk): ALiBi and the causal mask; or None."""
         if not self.uses_alibi and not (self.causal and tq > 1):
             return None
-        q_pos, k_pos = self.positions(tq, tk, device)
+        q_pos, k_pos = self.query_key_positions(tq, tk, device)
         if self.uses_alibi:
             bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(dtype)
         else:

@@ -35,12 +35,12 @@ class SinusoidalPosition(nn.Module):
 
 
 class LearnedPosition(nn.Module):
-    """A learned embedding per absolute position (GPT-2 style)."""
+    """A learned embedding per absolute position (GPT-2 style), drawn from N(0, std)."""
 
-    def __init__(self, d_model: int, max_len: int):
+    def __init__(self, d_model: int, max_len: int, std: float = 1.0):
         super().__init__()
         self.table = nn.Embedding(max_len, d_model)
-        nn.init.normal_(self.table.weight, std=0.02)
+        nn.init.normal_(self.table.weight, std=std)
 
     def forward(self, start: int, length: int) -> torch.Tensor:  # (T, d)
         return self.table.weight[start : start + length]
