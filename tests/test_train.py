@@ -252,3 +252,16 @@ def test_compiled_training_follows_the_eager_losses(tmp_path):
 def test_loggers_are_chosen_by_name(tmp_path):
     with pytest.raises(zoo.ZooConfigError, match=r"unknown logger in train.loggers 'tensorbord' \(did you mean 'tensorboard'"):
         config(tmp_path, "--train.loggers", "[csv, tensorbord]")
+
+
+def test_ssm_parameters_marked_no_weight_decay_are_not_decayed(tmp_path):
+    """Mamba's A_log and D carry mamba-ssm's ``_no_weight_decay`` mark; the optimiser honours it
+    (decaying A_log would pull every state's decay rate to the same value)."""
+    cfg = config(tmp_path, "--model.mixer", "mamba", "--model.mixer_args", "{}")
+    module = TrainingModule(zoo.config.to_dict(resolve(cfg)[0]))
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert decay["weight_decay"] == cfg.train.weight_decay > 0 and no_decay["weight_decay"] == 0.0
+    mamba = module.model.blocks[0].mixer
+    in_group = lambda p, g: any(p is q for q in g["params"])  # noqa: E731
+    assert in_group(mamba.A_log, no_decay) and in_group(mamba.D, no_decay)
+    assert in_group(mamba.in_proj.weight, decay) and not in_group(mamba.A_log, decay)

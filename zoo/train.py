@@ -122,8 +122,13 @@ class TrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        # Weight decay on matrices only, and never on a parameter marked ``_no_weight_decay``
+        # (mamba-ssm's convention: an SSM's A and D, whose decay would pull every state's decay
+        # rate to the same value and undo their initialisation).
+        params = [p for p in self.parameters() if p.requires_grad]
+        exempt = [p.dim() < 2 or getattr(p, "_no_weight_decay", False) for p in params]
+        decay = [p for p, x in zip(params, exempt, strict=True) if not x]
+        no_decay = [p for p, x in zip(params, exempt, strict=True) if x]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
 

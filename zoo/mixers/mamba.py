@@ -91,6 +91,7 @@ class Mamba(SequenceMixer):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32).repeat(di, 1)))
         self.D = nn.Parameter(torch.ones(di))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as upstream (see TrainingModule)
         self.out_proj = nn.Linear(di, d_model, bias=bias)
 
     def ssm_inputs(self, x: torch.Tensor):
