@@ -1,6 +1,8 @@
 """Mamba: fast scans equal the step-by-step reference; parity with mambapy and Hugging Face;
 decoding; state size; the CUDA kernel on GPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,11 +77,32 @@ def test_whole_block_at_extreme_inputs_equals_the_reference():
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-3 * y_ref.abs().max().item())
 
 
-def test_build_is_keyed_by_host_and_flags():
+def test_build_is_keyed_by_host_and_flags(monkeypatch):
     """-march=native builds for this CPU: the cache name carries the CPU and flags, so a cache
-    shared with another kind of machine is never loaded there."""
+    shared with another kind of machine (or built with other flags) is never loaded here."""
     tag = selective_scan._host_tag()
     assert len(tag) == 10 and tag == selective_scan._host_tag()
+    monkeypatch.setattr(selective_scan, "FLAGS", (*selective_scan.FLAGS, "-fno-fast-math"))
+    assert selective_scan._host_tag() != tag
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_import():
+    """A build killed midway leaves PyTorch's `lock` file; the next process must not wait on it
+    forever (it did: every later mamba case hung until its timeout)."""
+    import subprocess
+    import sys
+
+    if not selective_scan.cpp_available():
+        pytest.skip("no C++ toolchain here")
+    from torch.utils import cpp_extension
+
+    name = f"zoo_selective_scan_{selective_scan._host_tag()}"
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    lock.touch()  # what a killed build leaves
+    code = "from zoo.mixers import selective_scan; selective_scan._extension(); print('loaded')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize("bias", [True, False])

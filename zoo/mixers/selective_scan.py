@@ -83,8 +83,10 @@ FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-march=native")
 
 
 def _host_tag() -> str:
-    """A short tag of this CPU's model and instruction set: -march=native builds for the host, so
-    a build cache shared across machines must keep one build per CPU kind, never run another's."""
+    """A short tag of this CPU's model and instruction set, the flags and this checkout: -march=native
+    builds for the host, so a build cache shared across machines must keep one build per CPU kind,
+    never run another's; and two checkouts (a worktree running a sweep beside the one being edited)
+    must not rebuild each other's extension at every import."""
     import hashlib
     import platform
 
@@ -94,7 +96,8 @@ def _host_tag() -> str:
         text += "".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
     except OSError:
         text += platform.processor()
-    return hashlib.sha1((text + " ".join(FLAGS)).encode()).hexdigest()[:10]
+    text += " ".join(FLAGS) + str(Path(__file__).resolve().parent)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 @functools.cache
@@ -102,9 +105,24 @@ def _extension():
     from torch.utils import cpp_extension
 
     source = Path(__file__).with_name("selective_scan.cpp")
-    # -fopenmp: at::parallel_for is header code that runs serially unless OpenMP is on.
-    return cpp_extension.load(name=f"zoo_selective_scan_{_host_tag()}", sources=[str(source)],
-                              extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"], verbose=False)
+    name = f"zoo_selective_scan_{_host_tag()}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # PyTorch marks a build in progress with a file named `lock` and waits, forever, while it
+    # exists; a build killed midway (a suite timeout, Ctrl-C) leaves it behind and every later
+    # import hangs. An OS lock (flock) is released when its holder dies: whoever holds it is the
+    # only zoo process building here, so a `lock` file it finds is stale and is removed.
+    with open(build_dir / "zoo-build.flock", "w") as guard:
+        try:
+            import fcntl
+
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+        except ImportError:  # no flock (Windows): PyTorch's own lock only
+            pass
+        # -fopenmp: at::parallel_for is header code that runs serially unless OpenMP is on.
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(FLAGS),
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
 
 
 @functools.cache
