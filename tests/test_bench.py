@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import zoo
 from zoo.cli import main as zoo_main
@@ -285,3 +286,23 @@ def test_ctrl_c_says_what_is_kept_without_a_traceback(monkeypatch, capsys):
     assert zoo_main(["bench", "decode", "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; finished cases are kept" in err and "Traceback" not in err
+
+
+def test_flop_and_memory_counters_measure_known_amounts():
+    """The counters the report quotes, on computations whose cost is known exactly."""
+    from zoo.measure import count_flops, peak_rss_bytes, saved_tensor_bytes
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+    w = torch.randn(1000, requires_grad=True)
+    x = torch.randn(1000)
+    assert saved_tensor_bytes(lambda: (w * x).sum()) == 1000 * 4  # mul saves x (w's grad needs it)
+    assert saved_tensor_bytes(lambda: (w * 2.0).sum()) == 0  # a scalar factor saves nothing
+    code = ("import torch; from zoo.measure import peak_rss_bytes; b = peak_rss_bytes(); "
+            "x = torch.ones(256 * 2**20 // 4); print(peak_rss_bytes() - b)")  # 256 MiB, touched, in a fresh process
+    import subprocess
+    import sys
+
+    grew = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 250 * 2**20 <= grew <= 300 * 2**20, grew
+    assert peak_rss_bytes() > 0

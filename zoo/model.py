@@ -218,6 +218,16 @@ class ZooModel(nn.Module):
             new.append(s)
         return self.head(self.norm(x)), new
 
+    def decode(self, tokens: torch.Tensor, state: list[Any] | None = None) -> tuple[torch.Tensor, list[Any]]:
+        """``step`` through ``tokens`` (B, T) from ``state`` (fresh when None): the logits (B, T,
+        vocab) and the state after the last token. For a fresh state this equals ``forward``."""
+        state = self.init_state(tokens.shape[0]) if state is None else state
+        logits = []
+        for t in range(tokens.shape[1]):
+            out, state = self.step(tokens[:, t], state)
+            logits.append(out)
+        return torch.stack(logits, 1), state
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -81,6 +81,9 @@ class Task(L.LightningDataModule):
         return 1.0 / (self.n_classes or self.vocab_size)
 
     def generate(self, n: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` examples (tokens, targets) drawn from ``seed`` for ``split`` ("train", "val" or a
+        test name). Synthetic tasks need only the seed (each split already has its own, from
+        :func:`derived_seed`); a task that reads files picks its source by ``split`` (``text``)."""
         raise NotImplementedError
 
     def test_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
