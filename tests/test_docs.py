@@ -26,15 +26,16 @@ def test_adding_a_mixer_walkthrough(tmp_path):
     assert set(files) == {"my_mixers.py", "my_registry.yaml", "use_it.py"}
     for name, body in files.items():
         (tmp_path / name).write_text(body)
-    env = {"ZOO_REGISTRY": str(tmp_path / "my_registry.yaml"),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env = {"ZOO_REGISTRY": "my_registry.yaml"}  # as the doc writes it: relative, no PYTHONPATH
     r = run([sys.executable, "use_it.py"], tmp_path, env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "torch.Size([2, 32, 256])"
-    r = run([sys.executable, "-m", "zoo.cli", "list"], tmp_path, env)
-    assert r.returncode == 0 and "| shortconv | strict | yes | yes |" in r.stdout, r.stderr
+    for args, extra in ((["list"], env), (["list", "--registry", "my_registry.yaml"], {})):
+        r = run([sys.executable, "-m", "zoo", *args], tmp_path, extra)
+        assert r.returncode == 0 and "| shortconv | strict | yes | yes |" in r.stdout, r.stderr
     r = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             str(ROOT / "tests" / "test_contract.py"), "-k", "shortconv"], ROOT, env)
+             str(ROOT / "tests" / "test_contract.py"), "-k", "shortconv"], ROOT,
+            {"ZOO_REGISTRY": str(tmp_path / "my_registry.yaml")})
     assert r.returncode == 0, r.stdout + r.stderr
     counts = re.search(r"(\d+) passed", r.stdout)
     assert counts and int(counts.group(1)) >= 7, r.stdout  # shape, causality, batch, step, ...

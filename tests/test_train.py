@@ -265,3 +265,34 @@ def test_ssm_parameters_marked_no_weight_decay_are_not_decayed(tmp_path):
     in_group = lambda p, g: any(p is q for q in g["params"])  # noqa: E731
     assert in_group(mamba.A_log, no_decay) and in_group(mamba.D, no_decay)
     assert in_group(mamba.in_proj.weight, decay) and not in_group(mamba.A_log, decay)
+
+
+def test_zoo_test_evaluates_a_checkpoint_as_fit_did(tmp_path, capsys):
+    out = fit(config(tmp_path, "--train.max_steps", "40", "--train.val_every", "20"))
+    ckpt = Path(out["run_dir"]) / "checkpoints" / "last.ckpt"
+    before = sorted(p.name for p in Path(out["run_dir"]).rglob("*"))
+    capsys.readouterr()
+    assert zoo_main(["test", str(ckpt)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again == pytest.approx(out["metrics"])
+    assert sorted(p.name for p in Path(out["run_dir"]).rglob("*")) == before  # it wrote nothing
+    assert zoo_main(["test", str(ckpt), "--split", "train"]) == 2
+    assert "unknown split to evaluate 'train'" in capsys.readouterr().err
+
+
+def test_other_trainer_options_pass_through_and_progress_counts_steps(tmp_path, capfd):
+    out = fit(config(tmp_path, "--train.max_steps", "30", "--train.val_every", "10", "--train.progress", "true",
+                     "--train.trainer", "{limit_val_batches: 1, accumulate_grad_batches: 1}"))
+    assert out["steps"] == 30
+    captured = capfd.readouterr()
+    assert "steps: 100%" in captured.out + captured.err and "30/30" in captured.out + captured.err  # steps of max_steps
+
+
+@pytest.mark.parametrize("options,message", [
+    ("{max_epoch: 3}", r"unknown Lightning Trainer option in train.trainer 'max_epoch' \(did you mean 'max_epochs'"),
+    ("{max_steps: 3}", r"train.trainer.max_steps: the zoo sets it; use train.max_steps"),
+    ("{gradient_clip_val: 3}", r"train.trainer.gradient_clip_val: the zoo sets it; use train.grad_clip"),
+])
+def test_trainer_options_the_zoo_owns_or_does_not_know_are_named(tmp_path, options, message):
+    with pytest.raises(zoo.ZooConfigError, match=message):
+        fit(config(tmp_path, "--train.trainer", options))

@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``zoo list``, ``zoo fit``, ``zoo bench``, ``zoo report``."""
+"""The ``zoo`` command: ``zoo list``, ``zoo fit``, ``zoo test``, ``zoo bench``, ``zoo report``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from zoo.train import evaluate
+
+    print(json.dumps(evaluate(args.checkpoint, split=args.split), indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from zoo.report import write_report
     from zoo.suite import load_suite
@@ -166,7 +173,14 @@ def parser() -> argparse.ArgumentParser:
         "--registry", action="append", default=[], metavar="FILE",
         help=f"a registry overlay YAML (repeatable; also ${ENV_VAR}, joined by '{os.pathsep}')",
     )
+    # --registry also after the subcommand (zoo list --registry F), under its own name: argparse
+    # would let a subcommand's default overwrite the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", action="append", default=[], dest="registry_after", metavar="FILE",
+                        help="a registry overlay YAML (repeatable), as before the subcommand")
     sub = p.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # noqa: E731
     s = sub.add_parser("list", help="every registry entry, its capabilities and available backends")
     s.set_defaults(func=cmd_list)
     s = sub.add_parser("fit", help="train and test one config (Lightning)",
@@ -177,6 +191,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. runs/NAME/checkpoints/last.ckpt)")
     s.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     s.set_defaults(func=cmd_fit)
+    s = sub.add_parser("test", help="evaluate a checkpoint on its task's test sets (or validation set)",
+                       description="Rebuild the model and task from the checkpoint's own config and print "
+                                   "their metrics as JSON; writes nothing.")
+    s.add_argument("checkpoint", help="a checkpoint written by zoo fit (runs/NAME/checkpoints/last.ckpt)")
+    s.add_argument("--split", default="test", help="test (every test set of the task) or val")
+    s.set_defaults(func=cmd_test)
     s = sub.add_parser("bench", help="run a benchmark suite and write its report",
                        description="Run a suite (built-in: default, speed, decode, quality, extrapolation; or a "
                                    "YAML path), one process per case, appending to results.jsonl; a rerun resumes.")
@@ -207,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
     before = os.environ.get(ENV_VAR)
+    args.registry = [*args.registry, *args.registry_after]
     if args.registry:  # through the environment, so that subprocesses see the same registry
         paths = [os.path.abspath(p) for p in args.registry]
         os.environ[ENV_VAR] = os.pathsep.join(filter(None, [before, *paths]))

@@ -133,6 +133,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (in place: checkpoints keep their parameter names)
     # Lightning loggers: csv (metrics.csv) is always written, as the zoo reads it back; add tensorboard
     loggers: list[str] = field(default_factory=lambda: ["csv"])
+    # any other Lightning Trainer option, passed through (accumulate_grad_batches, max_time,
+    # limit_val_batches, ...); the options above are set through their own keys
+    trainer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "val_every"):

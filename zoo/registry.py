@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,12 @@ class Registry:
         return reg
 
     def add_file(self, path: str | os.PathLike) -> None:
+        """Entries from a YAML file. Its classes are imported with the file's own folder on the
+        import path, so an overlay finds the modules written beside it from any directory."""
         data = read_yaml(path, "registry file")
+        folder = str(Path(path).resolve().parent)
+        if path != package_file() and folder not in sys.path:
+            sys.path.append(folder)
         self.add(data or {}, source=str(path))
 
     def add(self, data: dict, source: str = "<dict>") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import shutil
 import time
@@ -28,12 +29,27 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import callbacks as cb
 from lightning.pytorch.loggers import CSVLogger
 
-from zoo.config import Config, ModelConfig, dump_config, from_dict, to_dict
-from zoo.errors import ZooConfigError, ZooDiverged
+from zoo.config import Config, ModelConfig, TrainConfig, dump_config, from_dict, to_dict
+from zoo.errors import ZooConfigError, ZooDiverged, unknown
 from zoo.measure import environment
 from zoo.model import build_model, resolve_position
 from zoo.registry import default_registry
 from zoo.tasks.base import IGNORE, Task
+
+# Messages a user of `zoo fit` cannot act on, silenced here and nowhere else: the run folder is
+# the zoo's own (created and guarded by _prepare_run_dir, so the CSV logger's "not empty" is
+# expected), the _pytree deprecation is Lightning's own call into PyTorch, and the logger tip
+# advertises a hosted service.
+for _message in (r"Experiment logs directory .* exists and is not empty", r"`isinstance\(treespec, LeafSpec\)`"):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
 class TrainingModule(L.LightningModule):
@@ -41,6 +57,8 @@ class TrainingModule(L.LightningModule):
 
     ``config`` is the resolved config as a plain dict (so the checkpoint alone rebuilds the
     module); ``test_names`` names the task's test sets."""
+
+    flops_per_batch = None  # not counted: ThroughputMonitor then reports samples/s and tokens/s only
 
     def __init__(self, config: dict, test_names: list[str] | None = None):
         super().__init__()
@@ -199,6 +217,40 @@ def run_name(cfg: Config) -> str:
     return cfg.train.run_name or f"{cfg.task.name}-{mixers}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _passed_through(options: dict[str, Any], own: set[str]) -> dict[str, Any]:
+    """``train.trainer``: Lightning Trainer options the zoo has no key of its own for."""
+    import inspect
+
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for key in options:
+        if key in own:
+            mine = {"gradient_clip_val": "grad_clip", "val_check_interval": "val_every", "logger": "loggers",
+                    "enable_progress_bar": "progress"}.get(key, key)
+            raise ZooConfigError(f"train.trainer.{key}: the zoo sets it; use train.{mine}"
+                                 if mine in TrainConfig.__dataclass_fields__
+                                 else f"train.trainer.{key}: the zoo sets this Trainer option itself")
+        if key not in accepted:
+            raise unknown("Lightning Trainer option in train.trainer", key, sorted(accepted - own))
+    return dict(options)
+
+
+class StepProgressBar(cb.TQDMProgressBar):
+    """Training progress in optimizer steps out of ``train.max_steps``: the batches are endless
+    (fresh or reshuffled every pass), so an epoch has no length to count against."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step  # a resumed run starts where it stopped
+        self.train_progress_bar.set_description("steps")
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_end(trainer, *args)
+        if trainer.global_step % max(1, self.refresh_rate) == 0 or trainer.global_step == trainer.max_steps:
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.refresh()
+
+
 def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
     t = cfg.train
     callbacks = [
@@ -208,6 +260,8 @@ def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
         StopOnNonFinite(min(50, t.val_every)),
         cb.ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], length_fn=lambda batch: batch[0].numel()),
     ]
+    if t.progress:
+        callbacks.append(StepProgressBar())
     if t.early_stop_patience:
         callbacks.append(cb.EarlyStopping(monitor="val/loss", patience=t.early_stop_patience))
     if t.stop_at:  # Zoology's rule: done once validation accuracy reaches the target
@@ -226,6 +280,7 @@ def build_trainer(cfg: Config, run_dir: Path, **overrides: Any) -> L.Trainer:
         callbacks=callbacks, logger=loggers, default_root_dir=run_dir, enable_progress_bar=t.progress,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
+    kwargs.update(_passed_through(t.trainer, set(kwargs)))
     kwargs.update(overrides)
     try:
         return L.Trainer(**kwargs)
@@ -332,3 +387,18 @@ def fit(cfg: Config, resume: str | None = None, **trainer_overrides: Any) -> dic
         (run_dir / "environment.json").write_text(json.dumps(environment(module.device), indent=2))
         (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def evaluate(checkpoint: str | Path, split: str = "test") -> dict[str, float]:
+    """A checkpoint's metrics on its own task's test sets (``split="test"``) or validation set
+    (``"val"``), rebuilt from the config the checkpoint was trained with. Writes nothing."""
+    data = checkpoint_config(checkpoint)
+    if split not in ("test", "val"):
+        raise unknown("split to evaluate", split, ["test", "val"])
+    cfg, task = resolve(from_dict(Config, data, where=f"the config of {checkpoint}"))
+    module = TrainingModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    trainer = build_trainer(cfg, Path(cfg.train.log_dir) / (cfg.train.run_name or "evaluate"), logger=False,
+                            callbacks=[], enable_checkpointing=False)
+    run = trainer.test if split == "test" else trainer.validate
+    results = run(module, datamodule=task, verbose=False)
+    return {k: float(v) for r in results for k, v in r.items()}
