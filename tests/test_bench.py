@@ -306,3 +306,56 @@ def test_flop_and_memory_counters_measure_known_amounts():
     grew = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 250 * 2**20 <= grew <= 300 * 2**20, grew
     assert peak_rss_bytes() > 0
+
+
+def test_the_report_survives_rows_it_has_never_seen(tmp_path):
+    """Odd rows (another version's, hand-edited, cut short) are listed with what they lack; the
+    rest of the report is written; text cannot break its tables or its code block."""
+    from zoo.report import compare
+
+    speed = {"key": "speed/softmax/forward_backward/T=8", "status": "ok", "suite": "s",
+             "case": {"kind": "speed", "mixer": "softmax", "length": 8, "mode": "forward_backward"},
+             "result": {"seconds": 0.01, "tokens_per_s": 800.0}, "env": {"cpu": "x"}}
+    odd = [
+        {**speed, "key": "speed/no-env", "env": None},  # usable: the environment is optional
+        {**speed, "key": "speed/zero", "result": {"seconds": 0, "tokens_per_s": 1.0}},
+        {**speed, "key": "speed/inf", "result": {"seconds": 1.0, "tokens_per_s": float("inf")}},
+        {**speed, "key": "speed/no-tps", "result": {"seconds": 1.0}},
+        {"key": 5, "status": "ok", "case": {"kind": "speed"}},
+        "not even a dict",
+        {"key": "speed/failed", "status": "error", "case": {"kind": "speed"}, "error": "a | b\nc ``` d"},
+    ]
+    path = write_report([speed, *odd], tmp_path, command="zoo bench ``` `x` | y")
+    text = path.read_text()
+    assert "````\nzoo bench ``` `x` | y\n````" in text  # a fence longer than any run of backticks inside
+    assert "| speed/failed | error | c ``` d |" in text.replace("a \\| b", "")  # the last error line
+    unusable = text.split("## Rows the report could not use")[1]
+    for name in ("speed/zero", "speed/inf", "speed/no-tps", "5:", "row 7"):
+        assert name in unusable, name
+    assert "speed/no-env" not in unusable
+    for line in text.splitlines():  # every table row keeps its columns
+        if line.startswith("| speed/failed"):
+            assert line.count(" | ") == 2
+    compared = compare([speed], [speed, odd[1]], tmp_path / "cmp", ("a", "b")).read_text()
+    assert "1.000" in compared and "speed/zero: result.seconds=0" in compared
+
+
+def test_the_newest_row_wins_across_shard_files_and_shards_are_not_redone(tmp_path):
+    """A sharded run, then an unsharded one with other settings into the same folder: the rows
+    finished last win whichever file holds them, and cases the shards finished with the same
+    settings are not run again."""
+    text = "speed: {mixers: [mlp, swiglu], lengths: [8], modes: [forward], d_model: 8}"
+    suite = load_suite(str(write(tmp_path, "s.yaml", text)))
+    out = tmp_path / "out"
+    run_suite(suite, out, shard="0/2", progress=False)
+    shard_rows = {r["key"]: r for r in collect([out])}
+    run_suite(suite, out, progress=False)  # same settings: only the other shard's case runs
+    assert len(read_rows(out / "results.jsonl")) == 1
+    suite.threads = 1  # other settings: everything runs again, into results.jsonl
+    run_suite(suite, out, progress=False)
+    merged = {r["key"]: r for r in collect([out])}
+    assert all(r["case"]["threads"] == 1 for r in merged.values())
+    (key,) = shard_rows
+    assert merged[key]["finished_at"] > shard_rows[key]["finished_at"]
+    # file order no longer decides: the shard file sorts after results.jsonl, yet loses
+    assert sorted(p.name for p in out.glob("results*.jsonl"))[-1].startswith("results.shard")

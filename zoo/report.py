@@ -7,6 +7,7 @@ wins) into one report; ``zoo report A B --compare`` writes B's numbers as ratios
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,9 +19,66 @@ def _ok(rows, kind):
     return [r for r in rows if r.get("status") == "ok" and r["case"]["kind"] == kind]
 
 
+def _number(v, positive: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v > 0 if positive else True)
+
+
+# What each kind of finished row must carry for its section: (where, field, check)
+_NEEDS = {
+    "speed": [("case", "mixer", str), ("case", "length", int), ("case", "mode", str),
+              ("result", "seconds", "positive"), ("result", "tokens_per_s", "positive")],
+    "decode": [("case", "mixer", str), ("case", "context", int), ("result", "seconds_per_token", "positive"),
+               ("result", "state_bytes", "number")],
+    "quality": [("case", "mixer", str), ("case", "task", str), ("result", "metrics", dict),
+                ("result", "params", "number")],
+    "extrapolation": [("case", "position", str), ("case", "task", str), ("case", "mixer", str),
+                      ("result", "metrics", dict)],
+    "findings": [("case", "mixer", str), ("case", "setting", str), ("result", "metrics", dict)],
+}
+
+
+def screen(rows: list) -> tuple[list[dict], list[str]]:
+    """The rows the report can use, and why each other one cannot (a row from another version,
+    edited by hand, or cut short). A report is written whatever the rows hold."""
+    usable, why = [], []
+    for i, r in enumerate(rows):
+        name = str(r.get("key", f"row {i + 1}")) if isinstance(r, dict) else f"row {i + 1}"
+        if not (isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("case"), dict)
+                and isinstance(r["case"].get("kind"), str) and isinstance(r.get("status"), str)):
+            why.append(f"{name}: not a result row (needs a text key, a case with its kind and a status)")
+            continue
+        if r["status"] == "ok":
+            missing = []
+            for where, field, check in _NEEDS.get(r["case"]["kind"], []):
+                v = (r.get(where) or {}).get(field) if isinstance(r.get(where), dict) else None
+                good = (_number(v, positive=True) if check == "positive" else _number(v) if check == "number"
+                        else isinstance(v, check) and not isinstance(v, bool))
+                if not good:
+                    missing.append(f"{where}.{field}={v!r}")
+            if missing:
+                why.append(f"{name}: {', '.join(missing)}")
+                continue
+        usable.append({**r, "env": r["env"] if isinstance(r.get("env"), dict) else {}})
+    return usable, why
+
+
+def cell(text) -> str:
+    """Text for one Markdown table cell: one line, its pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def fence(text: str) -> list[str]:
+    """A code block holding ``text`` whatever backticks it contains (its fence is longer)."""
+    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return [ticks, text, ticks]
+
+
 def _fmt(v: float, unit: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= scale:
             return f"{v / scale:.3g}{suffix}{unit}"
@@ -53,16 +111,17 @@ def crossover(ours: dict[int, dict], ref: dict[int, dict]) -> str:
 def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
+    rows, unusable = screen(rows)
     ok = [r for r in rows if r.get("status") == "ok"]
     suites = sorted({r.get("suite", "?") for r in rows})
     lines += [f"# zoo bench report: {', '.join(suites)}", ""]
     cmd = command or next((r.get("command") for r in rows if r.get("command")), "")
     if cmd:
-        lines += ["Produced by:", "", "```", cmd, "```", ""]
+        lines += ["Produced by:", "", *fence(str(cmd)), ""]
     if ok:
         env = ok[0]["env"]
         lines += ["## Environment", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in env.items()]
+        lines += [f"| {cell(k)} | {cell(v)} |" for k, v in env.items()]
         lines += ["", f"{len(ok)} of {len(rows)} cases ran; times are medians of "
                   "`torch.utils.benchmark` blocks and hold only for this machine; ratios are the portable part.", ""]
     lines += _findings_section(rows, out_dir)
@@ -77,8 +136,10 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         lines += ["## Cases that did not finish", "", "| case | status | error |", "|---|---|---|"]
         for r in failed:
             err = (r.get("error") or "").strip().splitlines()
-            lines.append(f"| {r['key']} | {r.get('status')} | {(err[-1] if err else '')[:160]} |")
+            lines.append(f"| {cell(r['key'])} | {cell(r.get('status'))} | {cell((err[-1] if err else '')[:160])} |")
         lines.append("")
+    if unusable:
+        lines += ["## Rows the report could not use", ""] + [f"- {cell(w)}" for w in unusable] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     write_csv(rows, out_dir / "results.csv")
@@ -422,6 +483,7 @@ def _extrapolation_section(rows):
 
 def compare(rows_a: list[dict], rows_b: list[dict], out_dir: Path, names: tuple[str, str]) -> Path:
     """B relative to A: time ratios of speed and decode cases, metric differences of quality cases."""
+    (rows_a, skipped_a), (rows_b, skipped_b) = screen(rows_a), screen(rows_b)
     a = {r["key"]: r for r in rows_a if r.get("status") == "ok"}
     b = {r["key"]: r for r in rows_b if r.get("status") == "ok"}
     lines = [f"# Comparison: {names[1]} relative to {names[0]}", "",
@@ -440,6 +502,9 @@ def compare(rows_a: list[dict], rows_b: list[dict], out_dir: Path, names: tuple[
     only = sorted(set(a) ^ set(b))
     if only:
         lines += ["", "In one result set only: " + ", ".join(only)]
+    for name, skipped in zip(names, (skipped_a, skipped_b), strict=True):
+        if skipped:
+            lines += ["", f"Rows of {name} it could not use: " + "; ".join(skipped)]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "compare.md"
     path.write_text("\n".join(lines) + "\n")

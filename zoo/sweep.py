@@ -43,18 +43,27 @@ def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _finished_at(row: dict) -> float:
+    when = row.get("finished_at")
+    return when if isinstance(when, (int, float)) and not isinstance(when, bool) else 0.0
+
+
 SKIPPED: list[str] = []  # unreadable lines met by collect() ("file:line"); the report lists them
 
 
 def collect(paths: list[str | Path]) -> list[dict]:
-    """Rows of every results file under the given files or directories, merged by key."""
+    """Rows of every results file under the given files or directories (shards included), merged
+    by key: the row finished last wins (its ``finished_at``; rows without one count as oldest,
+    and among equals the later file and line), whichever file it is in."""
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.glob("results*.jsonl")) if p.is_dir() else [p]
-    merged: dict[str, dict] = {}
+    merged: dict = {}
     for f in files:
         for row in read_rows(f, SKIPPED):
-            merged[row["key"]] = row
+            key = row["key"] if isinstance(row["key"], str) else repr(row["key"])
+            if key not in merged or _finished_at(row) >= _finished_at(merged[key]):
+                merged[key] = row
     return [merged[k] for k in sorted(merged)]
 
 
@@ -152,7 +161,8 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             torn = f.read(1) != b"\n"
         if torn:
             append_row_text(results, "\n")
-    done = {r["key"]: r for r in read_rows(results)}  # the last row of a key wins, here and in the report
+    # every results file of the folder, shards included; the row finished last wins, as in the report
+    done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)}
     todo = [c for k, c in enumerate(cases(suite)) if k % n == i]
 
     def finished(c: dict) -> bool:  # same key *and* same settings: an edited suite reruns what it changed
@@ -170,7 +180,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     cores = os.cpu_count() or 1
 
     def record(case: dict, row: dict) -> None:
-        row.update(suite=suite.name, command=command)
+        row.update(suite=suite.name, command=command, finished_at=time.time())
         append_row(results, row)
         done[case["key"]] = row
         if bar is not None:
