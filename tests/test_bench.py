@@ -153,6 +153,12 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
     ("quality: {mixers: [softmax], model: {mixer_args: {d_state: 8}}}",
      r"quality.model.mixer_args: no mixer of \['softmax'\] takes 'd_state'"),
     ("quality: {mixers: [softmax], model: {d_modle: 8}}", r"unknown key 'd_modle' in suite 'x': quality.model"),
+    ("quality: {mixers: [softmax], train: {max_stepz: 8}}",
+     r"unknown key 'max_stepz' in suite 'x': quality.train \(did you mean 'max_steps'"),
+    ("extrapolation: {positions: [rotary]}", r"unknown positional scheme in extrapolation.positions 'rotary'"),
+    ("speed: {lengths: [8], batch: 0}", r"speed.batch and speed.d_model must be >= 1"),
+    ("timeout: -1\nspeed: {lengths: [8]}", r"timeout must be >= 1 second"),
+    ("description: nothing to do", r"has nothing to run"),
 ])
 def test_bad_suite_files_name_the_field(tmp_path, text, message):
     path = write(tmp_path, "s.yaml", "name: x\n" + text)

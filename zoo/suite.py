@@ -100,6 +100,36 @@ class Suite:
     quick: dict[str, Any] = field(default_factory=dict)  # overrides applied by --quick
 
     def __post_init__(self) -> None:
+        where = f"suite {self.name!r}"
+        if not any((self.speed, self.decode, self.quality, self.extrapolation, self.findings)):
+            raise ZooConfigError(f"{where} has nothing to run: give at least one of speed, decode, quality, "
+                                 "extrapolation, findings")
+        if self.timeout < 1 or self.threads < 0:
+            raise ZooConfigError(f"{where}: timeout must be >= 1 second and threads >= 0 (0: the machine's); "
+                                 f"got timeout={self.timeout}, threads={self.threads}")
+        for name, spec in (("speed", self.speed), ("decode", self.decode)):
+            if spec and (spec.batch < 1 or spec.d_model < 1):
+                raise ZooConfigError(f"{where}: {name}.batch and {name}.d_model must be >= 1; "
+                                     f"got batch={spec.batch}, d_model={spec.d_model}")
+        # the model and train sections are checked now, not when each case runs minutes later
+        from zoo.config import ModelConfig, TrainConfig
+
+        sections = [("quality", self.quality), ("extrapolation", self.extrapolation), ("findings", self.findings)]
+        settings = self.findings.settings.items() if self.findings else ()
+        sections += [(f"findings.settings.{k}", st) for k, st in settings]
+        for name, spec in sections:
+            if spec is None:
+                continue
+            from_dict(ModelConfig, {"vocab_size": 2, **spec.model}, where=f"{where}: {name}.model")
+            train = {k: v for k, v in spec.train.items() if k not in ("lr", "seed", "data_seed")}
+            from_dict(TrainConfig, train, where=f"{where}: {name}.train")
+        if self.extrapolation:
+            from zoo.errors import unknown
+            from zoo.nn.positions import SCHEMES
+
+            for p in self.extrapolation.positions:
+                if p not in SCHEMES:
+                    raise unknown("positional scheme in extrapolation.positions", p, SCHEMES, where)
         if self.speed:
             for m in self.speed.modes:
                 if m not in MODES:
