@@ -365,3 +365,13 @@ def test_the_newest_row_wins_across_shard_files_and_shards_are_not_redone(tmp_pa
     assert merged[key]["finished_at"] > shard_rows[key]["finished_at"]
     # file order no longer decides: the shard file sorts after results.jsonl, yet loses
     assert sorted(p.name for p in out.glob("results*.jsonl"))[-1].startswith("results.shard")
+
+
+def test_every_registered_mixer_has_its_own_colour():
+    from zoo.registry import CHANNEL, SEQUENCE, default_registry
+    from zoo.report import mixer_color
+
+    reg = default_registry()
+    names = reg.names(SEQUENCE) + reg.names(CHANNEL)
+    colours = {tuple(mixer_color(n)) for n in names}
+    assert len(colours) == len(names)

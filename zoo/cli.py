@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.timeout:
         suite.timeout = args.timeout
     out = Path(args.out or Path("bench-results") / (suite.name + ("-quick" if args.quick else "")))
-    command = "zoo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("zoo") else "zoo bench " + args.suite
+    command = args.command_line
     results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, progress=not args.no_progress,
                         command=command, jobs=args.jobs)
     rows = collect([results])
@@ -222,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
+    # what reproduces this run, whichever way it was started (zoo, python -m zoo, main([...]))
+    args.command_line = "zoo " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.command == "fit":
         args.overrides = rest
     elif rest:

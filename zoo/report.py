@@ -191,7 +191,9 @@ def mixer_color(name: str):
     reg = default_registry()
     names = reg.names(SEQUENCE) + reg.names(CHANNEL)
     i = names.index(name) if name in names else len(names) + sum(map(ord, name))
-    return _plt().get_cmap("tab10")(i % 10)
+    plt = _plt()  # 18 distinct colours: tab10, then Dark2's (the registry has more than 10 mixers)
+    palette = [plt.get_cmap("tab10")(k) for k in range(10)] + [plt.get_cmap("Dark2")(k) for k in range(8)]
+    return palette[i % len(palette)]
 
 
 def _rank_key(task: str):
