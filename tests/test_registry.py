@@ -252,3 +252,12 @@ def test_a_checkout_reads_its_top_level_registry_at_once(tmp_path):
     where, names = _python(LIST_MIXERS, tmp_path, cwd=tmp_path.parent)
     assert where == str(tmp_path / "registry.yaml")
     assert "softmax_copy" in names and "softmax_copy" not in str(sorted(Registry.load(env=False).names("sequence_mixers")))
+
+
+def test_list_shows_every_hyper_parameter_with_its_default(capsys):
+    assert zoo_main(["list"]) == 0
+    out = capsys.readouterr().out
+    window = next(line for line in out.splitlines() if line.startswith("| window | bias="))
+    assert "window=256" in window and "n_heads=0" in window and "causal" not in window
+    mqar = next(line for line in out.splitlines() if line.startswith("| mqar |"))
+    assert "n_queries=0" in mqar and "train_size=4096" in mqar and "n_pairs=8" in mqar

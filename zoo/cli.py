@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from zoo.errors import ZooConfigError, ZooDiverged, read_yaml
-from zoo.registry import CHANNEL, ENV_VAR, POSITION_SCHEMES, SEQUENCE, TASKS, Registry, default_registry
+from zoo.registry import CHANNEL, ENV_VAR, POSITION_SCHEMES, SEQUENCE, TASKS, Registry, default_registry, hyper_defaults
 
 
 def _yes(flag: bool) -> str:
@@ -50,6 +50,12 @@ def list_table(reg: Registry, device_type: str) -> str:
     for e in reg.entries(SEQUENCE) + reg.entries(CHANNEL):
         growth = "; ".join(f"{k} {v}" for k, v in e.complexity.items()) or "-"
         lines.append(f"| {e.name} | {e.paper or '-'} | {growth} |")
+    lines += ["", "## Hyper-parameters and their defaults (set them in model.mixer_args / channel_args)", "",
+              "| name | defaults |", "|---|---|"]
+    model_sets = {"causal", "position", "backend"}  # chosen by the model config, not per mixer
+    for e in reg.entries(SEQUENCE) + reg.entries(CHANNEL):
+        hyper = {k: v for k, v in hyper_defaults(e.cls, e.defaults).items() if k not in model_sets}
+        lines.append(f"| {e.name} | {', '.join(f'{k}={v}' for k, v in hyper.items()) or '-'} |")
     lines += ["", "## Channel mixers", "", "| name | backends | description |", "|---|---|---|"]
     for e in reg.entries(CHANNEL):
         lines.append(f"| {e.name} | {backends(e)} | {e.description} |")
@@ -58,7 +64,7 @@ def list_table(reg: Registry, device_type: str) -> str:
         lines.append(f"| {e.name} | {e.where} | {e.description} |")
     lines += ["", "## Tasks", "", "| name | metric | defaults | description |", "|---|---|---|---|"]
     for e in reg.entries(TASKS):
-        defaults = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
+        defaults = ", ".join(f"{k}={v}" for k, v in hyper_defaults(e.cls, e.defaults).items())
         lines.append(f"| {e.name} | {e.metric} | {defaults} | {e.description} |")
     return "\n".join(lines)
 

@@ -133,6 +133,19 @@ def accepted_kwargs(cls: type) -> tuple[set[str], bool]:
     return names - {"d_model", "self"}, True
 
 
+def hyper_defaults(cls: type, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every keyword ``cls`` takes with its default (its bases' too, through ``**kwargs``), then
+    ``overrides`` (a registry entry's ``defaults``): what a user gets without setting anything."""
+    names, _ = accepted_kwargs(cls)
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):  # the most derived default wins
+        if klass is not object and "__init__" in vars(klass):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name in names and p.default is not inspect.Parameter.empty:
+                    found[p.name] = p.default
+    return {**{k: found[k] for k in sorted(found)}, **(overrides or {})}
+
+
 def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
     """Reject keywords ``cls`` does not take and values of the wrong plain type."""
     names, var = accepted_kwargs(cls)
