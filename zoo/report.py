@@ -338,12 +338,25 @@ def _claims_file(path: str) -> Path:
     return p if p.is_file() or p.is_absolute() else SUITES_DIR / path
 
 
+def _chance(task: str, args: dict) -> float | None:
+    """The task's chance accuracy (its ``chance``), or None when the task cannot be built here."""
+    from zoo.registry import default_registry
+
+    try:
+        return float(default_registry().build_task(task, **args).chance)
+    except Exception:  # a task the registry no longer has, or arguments it no longer takes
+        return None
+
+
 def _quality_section(rows, out_dir):
     q = _ok(rows, "quality")
     if not q:
         return []
-    lines = ["## Quality", "", "Every mixer trained with the same model size, budget and data per task "
-             "(`zoo.train.fit`); test metrics on held-out data.", ""]
+    seeds = sorted({r["case"].get("train", {}).get("seed", 0) for r in q})
+    lines = ["## Quality", "", "Every mixer trained with the same model size, budget, learning rate and data per "
+             f"task (`zoo.train.fit`), one run each (init seed {', '.join(map(str, seeds))}); test metrics on "
+             "held-out data. No learning-rate tuning, one seed, a short budget: a same-budget check, not a "
+             "ranking (the findings suite, docs/findings.md, is the protocol for verdicts).", ""]
     by_task = defaultdict(list)
     for r in q:
         by_task[r["case"]["task"]].append(r)
@@ -354,8 +367,10 @@ def _quality_section(rows, out_dir):
         rank = _rank_key(task)  # by the task's registry metric
         rs.sort(key=lambda r, rank=rank: rank(r["result"]["metrics"]))
         budget = rs[0]["case"].get("train", {})
+        chance = _chance(task, rs[0]["case"].get("task_args", {}))
         lines += [f"### {task} ({_kv(budget)})", "",
-                  f"task: {_kv(rs[0]['case'].get('task_args', {}))}; model: {_kv(rs[0]['case'].get('model', {}))}", "",
+                  f"task: {_kv(rs[0]['case'].get('task_args', {}))}; model: {_kv(rs[0]['case'].get('model', {}))}; "
+                  f"chance accuracy {_fmt(chance)}", "",
                   "| mixer | test accuracy | test loss | params | steps | train s |", "|---|---|---|---|---|---|"]
         for r in rs:
             m = r["result"]["metrics"]
@@ -369,6 +384,9 @@ def _quality_section(rows, out_dir):
         lines.append("")
         ax.bar([r["case"]["mixer"] for r in rs], [r["result"]["metrics"].get("test/accuracy", 0) for r in rs],
                color=[mixer_color(r["case"]["mixer"]) for r in rs])
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle=":", label="chance")
+            ax.legend(fontsize=7)
         ax.set_title(f"{task}: test accuracy")
         ax.set_ylim(0, 1)
         ax.tick_params(axis="x", rotation=45)
