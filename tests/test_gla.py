@@ -37,8 +37,10 @@ def test_without_forgetting_it_is_causal_linear_attention():
     torch.testing.assert_close(y, ((q @ k.transpose(-2, -1)).tril()) @ v)
 
 
-def test_state_size_is_constant():
-    m = GatedLinearAttention(32, n_heads=2)
+@pytest.mark.parametrize("name", ["gla", "retnet", "deltanet", "gated_deltanet"])
+def test_the_matrix_state_family_decodes_in_constant_space(name):
+    """One d_k x d_v matrix per head (zoo.nn.attention.MatrixStateAttention), whatever the context."""
+    m = zoo.build_mixer(name, 32, n_heads=2)
     state = m.init_state(3)
     _, after = zoo.decode(m, torch.randn(3, 30, 32), state)
     assert zoo.state_nbytes(after["S"]) == zoo.state_nbytes(state["S"]) == 3 * 2 * 16 * 16 * 4

@@ -33,10 +33,10 @@ from torch import nn
 
 from zoo.contract import implements
 from zoo.errors import ZooConfigError, at_least
-from zoo.nn.attention import AttentionMixer
+from zoo.nn.attention import MatrixStateAttention
 
 
-class DeltaNet(AttentionMixer):
+class DeltaNet(MatrixStateAttention):
     AUTO_ORDER = ("torch",)
     IN_ATTENTION = ()  # keys are unit vectors that address the state; no scores to bias
 
@@ -135,12 +135,7 @@ class DeltaNet(AttentionMixer):
             S = whole[:, :, j] * (S - kj.transpose(-2, -1) @ (W[:, :, j] @ S)) + kj.transpose(-2, -1) @ written[:, :, j]
         return torch.stack(outs, 2).view(B, H, n * c, dv)[:, :, :T]
 
-    # -- decoding: the recurrence ----------------------------------------------------------------
-    def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        w = self.qkv.weight
-        shape = (batch, self.n_heads, self.head_dim, self.head_dim)
-        return {"S": torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype), "length": 0}
-
+    # -- decoding: the recurrence (init_state: MatrixStateAttention's) ---------------------------
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x_t (B, d) -> (B, d); a new state (the one given is not changed)."""
         n, x = state["length"], x_t[:, None]

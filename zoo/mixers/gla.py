@@ -27,10 +27,10 @@ from torch import nn
 
 from zoo.contract import implements
 from zoo.errors import ZooConfigError, at_least
-from zoo.nn.attention import AttentionMixer
+from zoo.nn.attention import MatrixStateAttention
 
 
-class GatedLinearAttention(AttentionMixer):
+class GatedLinearAttention(MatrixStateAttention):
     AUTO_ORDER = ("torch",)
     IN_ATTENTION = ()  # no scores to bias; the gates carry position
 
@@ -98,19 +98,10 @@ class GatedLinearAttention(AttentionMixer):
         last = b[..., -1:, :]  # (B, H, n, 1, dk)
         added = (k * torch.exp(last - b)).transpose(-2, -1) @ v  # (B, H, n, dk, dv)
         whole = torch.exp(last[..., 0, :])[..., None]  # (B, H, n, dk, 1)
-        S, states = q.new_zeros(B, H, dk, dv), []
-        for j in range(n):  # the state before chunk j: earlier chunks only
-            states.append(S)
-            S = whole[:, :, j] * S + added[:, :, j]
-        cross = (q * torch.exp(b)) @ torch.stack(states, 2)  # (B, H, n, c, dv)
+        cross = (q * torch.exp(b)) @ self.carry(added, whole)  # (B, H, n, c, dv)
         return (inner + cross).view(B, H, n * c, dv)[:, :, :T]
 
-    # -- decoding: the recurrence ----------------------------------------------------------------
-    def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        w = self.qkv.weight
-        shape = (batch, self.n_heads, self.head_dim, self.head_dim)
-        return {"S": torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype), "length": 0}
-
+    # -- decoding: the recurrence (init_state: MatrixStateAttention's) ---------------------------
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x_t (B, d) -> (B, d); a new state (the one given is not changed)."""
         n = state["length"]

@@ -28,11 +28,11 @@ from torch import nn
 
 from zoo.contract import implements
 from zoo.errors import ZooConfigError, at_least
-from zoo.nn.attention import AttentionMixer
+from zoo.nn.attention import MatrixStateAttention
 from zoo.nn.positions import Rotary
 
 
-class RetNet(AttentionMixer):
+class RetNet(MatrixStateAttention):
     AUTO_ORDER = ("torch",)
     IN_ATTENTION = ()  # retention rotates q and k itself; ALiBi has no scores to bias here
 
@@ -85,22 +85,13 @@ class RetNet(AttentionMixer):
         # what chunk j adds to the state, sum_i gamma^(c-1-i) k_i^T v_i: (B, H, n, hd, hd)
         to_end = self.decay(torch.full((1,), c - 1, device=q.device), pos, q.dtype)  # (H, 1, c)
         added = (k * to_end[:, None].transpose(-2, -1)).transpose(-2, -1) @ v
-        whole = torch.exp(self.log_decay * c).to(q.dtype)[:, None, None]  # gamma^c, (H, 1, 1)
-        S, states = q.new_zeros(B, H, hd, hd), []
-        for j in range(n):  # the state before chunk j: earlier chunks only
-            states.append(S)
-            S = whole * S + added[:, :, j]
-        states = torch.stack(states, 2)  # (B, H, n, hd, hd)
+        whole = torch.exp(self.log_decay * c).to(q.dtype).view(1, H, 1, 1, 1).expand(1, H, n, 1, 1)  # gamma^c
+        states = self.carry(added, whole)  # (B, H, n, hd, hd)
         from_start = self.decay(pos + 1, torch.zeros(1, dtype=torch.long, device=q.device), q.dtype)  # gamma^(i+1)
         cross = (q * from_start[:, None]) @ states  # (B, H, n, c, hd)
         return (inner + cross).view(B, H, n * c, hd)[:, :, :T]
 
-    # -- decoding: the recurrent form ----------------------------------------------------------
-    def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        w = self.qkv.weight
-        shape = (batch, self.n_heads, self.head_dim, self.head_dim)
-        return {"S": torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype), "length": 0}
-
+    # -- decoding: the recurrent form (init_state: MatrixStateAttention's) ----------------------
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x_t (B, d) -> (B, d); a new state (the one given is not changed)."""
         n = state["length"]

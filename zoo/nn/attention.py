@@ -137,3 +137,24 @@ class AttentionMixer(SequenceMixer):
             f"position={self.position!r}"
         )
 
+
+
+class MatrixStateAttention(AttentionMixer):
+    """Base of the linear-attention family that decodes with a d_k x d_v state per head
+    (RetNet, GLA, DeltaNet): the state and the chunk-to-chunk carry their chunkwise forms share."""
+
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        w = self.qkv.weight
+        shape = (batch, self.n_heads, self.head_dim, self.head_dim)
+        return {"S": torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype), "length": 0}
+
+    @staticmethod
+    def carry(added: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+        """The state before each chunk from what each chunk adds, ``added`` (B, H, n, d_k, d_v), and
+        how each chunk decays the state it receives, ``decay`` (B or 1, H, n, d_k or 1, 1):
+        S_0 = 0, S_(j+1) = decay_j * S_j + added_j. Chunk j's state holds earlier chunks only."""
+        S, states = torch.zeros_like(added[:, :, 0]), []
+        for j in range(added.shape[2]):
+            states.append(S)
+            S = decay[:, :, j] * S + added[:, :, j]
+        return torch.stack(states, 2)
