@@ -31,6 +31,7 @@ def config(tmp_path, *overrides, base=SMALL):
 def test_softmax_learns_small_mqar(tmp_path):
     out = fit(config(tmp_path))
     assert out["metrics"]["test/accuracy"] >= 0.99, out
+    assert "test/perplexity" not in out["metrics"]  # an accuracy task: no language-model metrics
     run = Path(out["run_dir"])
     assert zoo.load_config(run / "config.yaml").model.vocab_size == 16  # the task set it
     env = json.loads((run / "environment.json").read_text())
@@ -296,3 +297,9 @@ def test_other_trainer_options_pass_through_and_progress_counts_steps(tmp_path, 
 def test_trainer_options_the_zoo_owns_or_does_not_know_are_named(tmp_path, options, message):
     with pytest.raises(zoo.ZooConfigError, match=message):
         fit(config(tmp_path, "--train.trainer", options))
+
+
+def test_a_text_task_reports_bits_per_character(tmp_path):
+    out = fit(config(tmp_path, "--task.name", "text", "--task.args", "{seq_len: 16, train_size: 64, test_size: 16}",
+                     "--train.max_steps", "10", "--train.val_every", "5"))
+    assert out["metrics"]["test/bits_per_char"] > 0 and "test/perplexity" in out["metrics"]

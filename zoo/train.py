@@ -33,7 +33,7 @@ from zoo.config import Config, ModelConfig, TrainConfig, dump_config, from_dict,
 from zoo.errors import ZooConfigError, ZooDiverged, unknown
 from zoo.measure import environment
 from zoo.model import build_model, resolve_position
-from zoo.registry import default_registry
+from zoo.registry import TASKS, default_registry
 from zoo.tasks.base import IGNORE, Task
 
 # Messages a user of `zoo fit` cannot act on, silenced here and nowhere else: the run folder is
@@ -69,6 +69,10 @@ class TrainingModule(L.LightningModule):
             self.model.compile()
         m = self.cfg.model
         self.lm = m.head == "lm"
+        # perplexity and bits per character only where the task is scored by them (text); on a
+        # recall or copying task they are noise next to its accuracy
+        metric = default_registry().get(TASKS, self.cfg.task.name).metric if self.cfg.task.name else ""
+        self.text_metrics = self.lm and metric in ("perplexity", "bits_per_char")
         classes = m.vocab_size if self.lm else m.n_classes
         self.test_names = list(test_names or ["test"])
 
@@ -76,7 +80,7 @@ class TrainingModule(L.LightningModule):
             # micro: every scored position counts once (torchmetrics' multiclass default is macro)
             ms = {"accuracy": torchmetrics.classification.MulticlassAccuracy(
                 classes, average="micro", ignore_index=IGNORE)}
-            if self.lm:
+            if self.text_metrics:
                 ms["perplexity"] = torchmetrics.text.Perplexity(ignore_index=IGNORE)
             return torchmetrics.MetricCollection(ms)
 
@@ -110,7 +114,8 @@ class TrainingModule(L.LightningModule):
         loss = self.loss(logits, targets)
         if self.lm:
             metrics["accuracy"].update(logits.flatten(0, 1), targets.flatten())
-            metrics["perplexity"].update(logits.float(), targets)
+            if self.text_metrics:
+                metrics["perplexity"].update(logits.float(), targets)
         else:
             metrics["accuracy"].update(logits, targets)
         return loss
