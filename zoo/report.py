@@ -122,8 +122,10 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         env = ok[0]["env"]
         lines += ["## Environment", "", "| | |", "|---|---|"]
         lines += [f"| {cell(k)} | {cell(v)} |" for k, v in env.items()]
-        lines += ["", f"{len(ok)} of {len(rows)} cases ran; times are medians of "
-                  "`torch.utils.benchmark` blocks and hold only for this machine; ratios are the portable part.", ""]
+        timed = any(r["case"]["kind"] in ("speed", "decode") for r in ok)
+        lines += ["", f"{len(ok)} of {len(rows)} cases ran"
+                  + ("; times are medians of `torch.utils.benchmark` blocks and hold only for this machine; "
+                     "ratios are the portable part." if timed else "; the environment is the first row's."), ""]
     lines += _findings_section(rows, out_dir)
     lines += _quality_section(rows, out_dir)
     lines += _speed_section(rows, out_dir)
