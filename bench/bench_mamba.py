@@ -47,7 +47,9 @@ def fwd_bwd(m, x):
 
 def scan_case(backend: str, L: int, d_inner: int = 2 * D, N: int = 16):
     """The selective scan alone (the same random inputs for every backend), forward+backward."""
-    from zoo.mixers.selective_scan import scan
+    from zoo.mixers import selective_scan
+
+    scan = {"torch": selective_scan.fast_scan, "reference": selective_scan.reference_scan}[backend]
 
     g = torch.Generator().manual_seed(0)
     u, delta, z = (torch.randn(1, L, d_inner, generator=g, requires_grad=True) for _ in range(3))
@@ -56,7 +58,7 @@ def scan_case(backend: str, L: int, d_inner: int = 2 * D, N: int = 16):
     Dk, bias = (torch.randn(d_inner, generator=g, requires_grad=True) for _ in range(2))
 
     def run():
-        scan(backend, u, delta, A, Bm, Cm, Dk, z, bias).sum().backward()
+        scan(u, delta, A, Bm, Cm, Dk, z, bias).sum().backward()
     return run
 
 
