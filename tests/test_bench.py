@@ -375,3 +375,14 @@ def test_every_registered_mixer_has_its_own_colour():
     names = reg.names(SEQUENCE) + reg.names(CHANNEL)
     colours = {tuple(mixer_color(n)) for n in names}
     assert len(colours) == len(names)
+
+
+def test_rerun_runs_finished_cases_again_and_the_new_rows_win(tmp_path):
+    suite = load_suite(str(write(tmp_path, "s.yaml", "speed: {mixers: [mlp], lengths: [8], modes: [forward], d_model: 8}")))
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False)
+    run_suite(suite, out, progress=False)  # finished: nothing runs
+    assert len(read_rows(out / "results.jsonl")) == 1
+    run_suite(suite, out, progress=False, rerun=True)
+    rows = read_rows(out / "results.jsonl")
+    assert len(rows) == 2 and collect([out])[0]["finished_at"] == max(r["finished_at"] for r in rows)

@@ -115,7 +115,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         suite.timeout = args.timeout
     out = Path(args.out or Path("bench-results") / (suite.name + ("-quick" if args.quick else "")))
     command = args.command_line
-    results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, progress=not args.no_progress,
+    results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, rerun=args.rerun,
+                        progress=not args.no_progress,
                         command=command, jobs=args.jobs)
     rows = collect([results])
     failed = [r for r in rows if r.get("status") != "ok"]
@@ -212,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="results directory (default bench-results/SUITE)")
     s.add_argument("--shard", help="i/n: run every n-th case starting at i")
     s.add_argument("--retry-failed", action="store_true", help="rerun cases whose row says error/timeout/killed")
+    s.add_argument("--rerun", action="store_true",
+                   help="run every case again, finished or not (the new rows win; the old stay in the file)")
     s.add_argument("--threads", type=int, default=0,
                    help="torch threads per case (default: the suite's, else the cores shared among --jobs)")
     s.add_argument("--jobs", type=int, default=1,

@@ -136,8 +136,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool = False, progress: bool = True,
-              command: str = "", jobs: int = 1) -> Path:
-    """Run the suite's unfinished cases; ``jobs`` > 1 runs training cases that many at a time
+              command: str = "", jobs: int = 1, rerun: bool = False) -> Path:
+    """Run the suite's unfinished cases (every case with ``rerun``: the new rows win, the old stay
+    in the file); ``jobs`` > 1 runs training cases that many at a time
     (each in its own process with cores // jobs threads unless the suite sets threads), while
     timing cases (speed, decode) always run alone. Rows are appended as cases finish."""
     if jobs < 1:
@@ -148,11 +149,11 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
     if results.exists() and not results.is_file():
         raise ZooConfigError(f"{results} is not a file; give --out a folder whose {results.name} is a results file")
     with SweepLock(results):
-        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs)
+        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs, rerun)
 
 
 def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_failed: bool, progress: bool,
-                command: str, jobs: int) -> Path:
+                command: str, jobs: int, rerun: bool = False) -> Path:
     from zoo.suite import cases
 
     if results.is_file() and results.stat().st_size:
@@ -167,7 +168,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
 
     def finished(c: dict) -> bool:  # same key *and* same settings: an edited suite reruns what it changed
         row = done.get(c["key"])
-        return (row is not None and row.get("case") == json.loads(json.dumps(c))
+        return (not rerun and row is not None and row.get("case") == json.loads(json.dumps(c))
                 and (row.get("status") == "ok" or not retry_failed))
 
     pending = [c for c in todo if not finished(c)]
