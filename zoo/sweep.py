@@ -60,10 +60,12 @@ def collect(paths: list[str | Path]) -> list[dict]:
         files += sorted(p.glob("results*.jsonl")) if p.is_dir() else [p]
     merged: dict = {}
     for f in files:
-        for row in read_rows(f, SKIPPED):
+        skipped: list[str] = []
+        for row in read_rows(f, skipped):
             key = row["key"] if isinstance(row["key"], str) else repr(row["key"])
             if key not in merged or _finished_at(row) >= _finished_at(merged[key]):
                 merged[key] = row
+        SKIPPED.extend(s for s in skipped if s not in SKIPPED)  # collect runs many times in a sweep
     return [merged[k] for k in sorted(merged)]
 
 
