@@ -206,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="test (every test set of the task) or val")
     s.set_defaults(func=cmd_test)
     s = sub.add_parser("bench", help="run a benchmark suite and write its report",
-                       description="Run a suite (built-in: default, speed, decode, quality, extrapolation; or a "
+                       description="Run a suite (built-in: default, speed, decode, quality, extrapolation, findings; or a "
                                    "YAML path), one process per case, appending to results.jsonl; a rerun resumes.")
     s.add_argument("suite", nargs="?", default="default")
     s.add_argument("--quick", action="store_true", help="the suite's quick variant")
