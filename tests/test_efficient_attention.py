@@ -85,6 +85,61 @@ def test_window_errors():
         zoo.build_mixer("window", D, global_tokens=[-1])
 
 
+# -- bigbird: the window with random key blocks -------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kw", [
+    {"window": 5, "block": 4, "random_blocks": 2},
+    {"window": 3, "block": 3, "random_blocks": 1, "global_tokens": [0, 7], "position": "alibi"},
+    {"window": 8, "block": 4, "random_blocks": 5, "dilation": 2},
+])
+def test_bigbird_blocked_equals_dense_mask(causal, kw):
+    ref, fast = pair("bigbird", causal=causal, **kw)
+    x = torch.randn(2, 45, D, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-10, atol=1e-10)
+    g = torch.randn(2, 45, D, dtype=torch.float64)
+    (a,) = torch.autograd.grad(fast(x), x, g)
+    (b,) = torch.autograd.grad(ref(x), x, g)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_bigbird_random_blocks_reach_beyond_the_window_and_only_there():
+    """A late query sees exactly the window, the global tokens and its drawn blocks: its output
+    moves when a drawn block's input moves and stays bit-identical when any other far block's does."""
+    m = zoo.build_mixer("bigbird", D, n_heads=H, causal=True, window=4, block=4, random_blocks=2,
+                        global_tokens=[]).double()
+    T, i = 48, 11  # query block 11 (positions 44..47) draws 2 of the blocks 0..9
+    drawn = set(m.random_pattern(12, "cpu")[i].tolist())
+    assert len(drawn) == 2 and max(drawn) < i - 1
+    x = torch.randn(1, T, D, dtype=torch.float64)
+    y = m(x)[0, 44:]
+    for blk in range(i - 1):
+        x2 = x.clone()
+        x2[0, 4 * blk : 4 * blk + 4] += 1.0
+        same = torch.equal(m(x2)[0, 44:], y)
+        assert same == (blk not in drawn), (blk, drawn)
+
+
+def test_bigbird_pattern_is_fixed_per_module_and_kept_by_the_state_dict():
+    a = zoo.build_mixer("bigbird", D, n_heads=H, window=4, block=4, random_blocks=2).double()
+    b = zoo.build_mixer("bigbird", D, n_heads=H, window=4, block=4, random_blocks=2).double()
+    assert not torch.equal(a.random_pattern(16, "cpu"), b.random_pattern(16, "cpu"))  # layers differ
+    x = torch.randn(1, 64, D, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())  # weights and pattern_seed
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    # causal: a prefix's outputs do not depend on how long the sequence is
+    torch.testing.assert_close(a(x[:, :37]), a(x)[:, :37], rtol=1e-12, atol=1e-12)
+
+
+def test_bigbird_errors():
+    m = zoo.build_mixer("bigbird", D, n_heads=H, window=4, block=4, random_blocks=2)
+    with pytest.raises(zoo.ZooConfigError, match=r"random_blocks \(bigbird\) does not decode.*whole history"):
+        m.init_state(1)
+    with pytest.raises(zoo.ZooConfigError, match=r"random_blocks draws key blocks of `block` positions"):
+        zoo.build_mixer("window", D, random_blocks=2)
+    with pytest.raises(zoo.ZooConfigError, match=r"random_blocks >= 0"):
+        zoo.build_mixer("bigbird", D, random_blocks=-1)
+
+
 # -- lsh ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [True, False])
 def test_lsh_one_bucket_is_full_attention_with_self_masking(causal):

@@ -19,7 +19,9 @@ Backends of ``attend``:
              cumulative log-decay b, T = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta),
              W = T K; outputs O = A_i (Q S_0 - (Q K^T)_<= T K S_0) + (((Q K^T)_<= T) * G) V and the
              next state S_c = A_c (S_0 - K^T W S_0) + K^T (T (exp(b_c - b) * V)), with
-             G_il = exp(b_i - b_l) (l <= i) and A_i = exp(b_i): every exponent <= 0.
+             G_il = exp(b_i - b_l) (l <= i) and A_i = exp(b_i): every exponent <= 0;
+  fla        flash-linear-attention's ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (Triton,
+             CUDA; extra ``gpu``).
 Decoding: the recurrence; a state of n_heads x d_k x d_v.
 """
 
@@ -33,11 +35,12 @@ from torch import nn
 
 from zoo.contract import implements
 from zoo.errors import ZooConfigError, at_least
+from zoo.nn import fla
 from zoo.nn.attention import MatrixStateAttention
 
 
 class DeltaNet(MatrixStateAttention):
-    AUTO_ORDER = ("torch",)
+    AUTO_ORDER = ("fla", "torch")
     IN_ATTENTION = ()  # keys are unit vectors that address the state; no scores to bias
 
     def __init__(self, d_model: int, *, causal: bool = True, gated: bool = False, chunk: int = 32, **attention):
@@ -134,6 +137,13 @@ class DeltaNet(MatrixStateAttention):
             kj = k[:, :, j]
             S = whole[:, :, j] * (S - kj.transpose(-2, -1) @ (W[:, :, j] @ S)) + kj.transpose(-2, -1) @ written[:, :, j]
         return torch.stack(outs, 2).view(B, H, n * c, dv)[:, :, :T]
+
+    @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
+    def attend_fla(self, q, k, v, beta, log_alpha):
+        if self.gated:
+            fn = fla.kernel("gated_delta_rule", "chunk_gated_delta_rule")
+            return fla.call(fn, q, k, v, log_alpha, beta).to(q.dtype)
+        return fla.call(fla.kernel("delta_rule", "chunk_delta_rule"), q, k, v, beta).to(q.dtype)
 
     # -- decoding: the recurrence (init_state: MatrixStateAttention's) ---------------------------
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:

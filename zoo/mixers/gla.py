@@ -13,7 +13,8 @@ Backends of ``attend``:
   reference  the recurrence above, one position per Python iteration;
   torch      chunkwise: inside a chunk of ``chunk`` positions the pairwise decays exp(b_i - b_j)
              (exactly 0 above the diagonal; (c, c, d_k) per chunk, never overflowing), across
-             chunks the state S carried with the chunk's total decay. O(T chunk d_k) time.
+             chunks the state S carried with the chunk's total decay. O(T chunk d_k) time;
+  fla        flash-linear-attention's ``chunk_gla`` (Triton, CUDA; extra ``gpu``).
 Keys are scaled by 1/sqrt(d_k). Decoding: the recurrence; a state of n_heads x d_k x d_v.
 """
 
@@ -27,11 +28,12 @@ from torch import nn
 
 from zoo.contract import implements
 from zoo.errors import ZooConfigError, at_least
+from zoo.nn import fla
 from zoo.nn.attention import MatrixStateAttention
 
 
 class GatedLinearAttention(MatrixStateAttention):
-    AUTO_ORDER = ("torch",)
+    AUTO_ORDER = ("fla", "torch")
     IN_ATTENTION = ()  # no scores to bias; the gates carry position
 
     def __init__(self, d_model: int, *, causal: bool = True, chunk: int = 32, gate_rank: int = 16,
@@ -100,6 +102,10 @@ class GatedLinearAttention(MatrixStateAttention):
         whole = torch.exp(last[..., 0, :])[..., None]  # (B, H, n, dk, 1)
         cross = (q * torch.exp(b)) @ self.carry(added, whole)  # (B, H, n, c, dv)
         return (inner + cross).view(B, H, n * c, dv)[:, :, :T]
+
+    @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
+    def attend_fla(self, q, k, v, log_alpha):
+        return fla.call(fla.kernel("gla", "chunk_gla"), q, k, v, log_alpha).to(q.dtype)
 
     # -- decoding: the recurrence (init_state: MatrixStateAttention's) ---------------------------
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:

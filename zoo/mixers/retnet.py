@@ -14,7 +14,9 @@ normalisations (of D and of the scores, which rescale each position) unnecessary
 
 Backends of ``attend``:
   reference  the parallel form with the T x T decay mask;
-  torch      the chunkwise form, chunks of ``chunk`` positions: O(T (chunk + head_dim) d) time.
+  torch      the chunkwise form, chunks of ``chunk`` positions: O(T (chunk + head_dim) d) time;
+  fla        flash-linear-attention's ``chunk_simple_gla`` (Triton, CUDA; extra ``gpu``) with the
+             per-head log decays as its gates.
 Decoding: the recurrent form, a state of n_heads x head_dim x head_dim, constant in length.
 """
 
@@ -28,12 +30,13 @@ from torch import nn
 
 from zoo.contract import implements
 from zoo.errors import ZooConfigError, at_least
+from zoo.nn import fla
 from zoo.nn.attention import MatrixStateAttention
 from zoo.nn.positions import Rotary
 
 
 class RetNet(MatrixStateAttention):
-    AUTO_ORDER = ("torch",)
+    AUTO_ORDER = ("fla", "torch")
     IN_ATTENTION = ()  # retention rotates q and k itself; ALiBi has no scores to bias here
 
     def __init__(self, d_model: int, *, causal: bool = True, chunk: int = 64, rope_base: float = 10_000.0,
@@ -90,6 +93,12 @@ class RetNet(MatrixStateAttention):
         from_start = self.decay(pos + 1, torch.zeros(1, dtype=torch.long, device=q.device), q.dtype)  # gamma^(i+1)
         cross = (q * from_start[:, None]) @ states  # (B, H, n, c, hd)
         return (inner + cross).view(B, H, n * c, hd)[:, :, :T]
+
+    @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
+    def attend_fla(self, q, k, v):
+        B, H, T, _ = q.shape
+        g = self.log_decay.to(torch.float32)[None, :, None].expand(B, H, T)
+        return fla.call(fla.kernel("simple_gla", "chunk_simple_gla"), q, k, v, g).to(q.dtype)
 
     # -- decoding: the recurrent form (init_state: MatrixStateAttention's) ----------------------
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:

@@ -1,4 +1,5 @@
-"""Longformer sliding-window attention with global tokens (Beltagy et al. 2020).
+"""Longformer sliding-window attention with global tokens (Beltagy et al. 2020), and BigBird's
+random key blocks (Zaheer et al. 2020) with ``random_blocks``.
 
 Who attends to whom (i a query position, j a key position, r = (window - 1) * dilation + 1):
   window    causal: 0 <= i - j < r;  bidirectional: |i - j| < r;  and (i - j) % dilation == 0,
@@ -7,6 +8,13 @@ Who attends to whom (i a query position, j a key position, r = (window - 1) * di
             (causal: still only j <= i). Global positions are ``global_tokens`` (a list) and
             every ``global_every``-th position. They use the same projections as the rest
             (Longformer has separate global projections; here one set serves both).
+  random    (BigBird, ``random_blocks`` = r > 0) positions are cut into blocks of ``block``; the
+            queries of block i also attend every key of r key blocks drawn at random for i, among
+            the blocks the window does not reach (causal: only blocks that end before the
+            window's first block, so never the future). The draw depends only on i and the
+            module's ``pattern_seed`` (a buffer, drawn from torch's RNG at construction, so each
+            layer differs and a checkpoint keeps its pattern); outputs of a prefix do not change
+            when the sequence grows.
 
 Backends:
   reference  the dense T x T mask of that rule, textbook attention;
@@ -42,20 +50,28 @@ class WindowAttention(AttentionMixer):
         global_tokens: list[int] | tuple[int, ...] = (),
         global_every: int = 0,
         block: int = 0,
+        random_blocks: int = 0,
         **attention,
     ):
         super().__init__(d_model, causal=causal, **attention)
-        if window < 1 or dilation < 1 or global_every < 0 or block < 0:
+        if window < 1 or dilation < 1 or global_every < 0 or block < 0 or random_blocks < 0:
             raise ZooConfigError(
-                f"window needs window >= 1, dilation >= 1, global_every >= 0, block >= 0; got "
-                f"window={window}, dilation={dilation}, global_every={global_every}, block={block}"
+                f"window needs window >= 1, dilation >= 1, global_every >= 0, block >= 0, random_blocks >= 0; "
+                f"got window={window}, dilation={dilation}, global_every={global_every}, block={block}, "
+                f"random_blocks={random_blocks}"
             )
+        if random_blocks and not block:
+            raise ZooConfigError("random_blocks draws key blocks of `block` positions: set block (BigBird: 64)")
         if any((not isinstance(g, int)) or g < 0 for g in global_tokens):
             raise ZooConfigError(f"global_tokens must be non-negative positions, got {list(global_tokens)}")
         self.window, self.dilation = window, dilation
         self.global_tokens, self.global_every = tuple(sorted(set(global_tokens))), global_every
         self.reach = (window - 1) * dilation + 1
         self.block = block or min(self.reach, 128)  # 128: fastest at window 256 on the CPU
+        self.random_blocks = random_blocks
+        if random_blocks:
+            self.register_buffer("pattern_seed", torch.randint(0, 2**31 - 1, ()))
+            self._patterns: dict[tuple[int, int], torch.Tensor] = {}
 
     def full_at(self, length: int) -> bool:
         """True when at ``length`` the window reaches every position: full attention."""
@@ -74,12 +90,46 @@ class WindowAttention(AttentionMixer):
         ok = (d.abs() < self.reach) & (d % self.dilation == 0)
         return ok & (d >= 0) if self.causal else ok
 
+    def random_pattern(self, n: int, device) -> torch.Tensor:
+        """(n, random_blocks) long: the key blocks each of n query blocks draws (-1: none left to
+        draw). Causal: among blocks 0 .. i - back - 1; bidirectional: among the blocks of the n
+        that lie beyond the window's reach on either side. Query block i's draw depends on i and
+        ``pattern_seed`` only (causal: not on n)."""
+        b, r, seed = self.block, self.random_blocks, int(self.pattern_seed)
+        back = math.ceil((self.reach - 1) / b)
+        key = (seed, n) if not self.causal else (seed, -1)
+        known = self._patterns.get(key)
+        if known is None or known.shape[0] < n:
+            rows = []
+            for i in range(n):
+                far = (torch.arange(max(0, i - back)) if self.causal else
+                       torch.cat((torch.arange(max(0, i - back)), torch.arange(min(n, i + back + 1), n))))
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                pick = far[torch.randperm(far.numel(), generator=g)[:r]].sort().values
+                rows.append(torch.cat((pick, torch.full((r - pick.numel(),), -1, dtype=torch.long))))
+            known = torch.stack(rows) if rows else torch.empty(0, r, dtype=torch.long)
+            self._patterns[key] = known
+        return known[:n].to(device)
+
+    def random_key_positions(self, n: int, device) -> torch.Tensor:
+        """(n, random_blocks * block): the key positions each query block draws (-1: none)."""
+        idx = self.random_pattern(n, device)
+        pos = idx[..., None] * self.block + torch.arange(self.block, device=device)
+        return pos.masked_fill(idx[..., None] < 0, -1).flatten(1)
+
     def dense_mask(self, T: int, device) -> torch.Tensor:
         """(T, T) bool, True where query i may attend key j."""
         pos = torch.arange(T, device=device)
         is_g = torch.zeros(T, dtype=torch.bool, device=device)
         is_g[self.global_positions(T, device)] = True
         ok = self.band(pos[:, None], pos[None, :]) | is_g[None, :] | is_g[:, None]
+        if self.random_blocks:
+            n = math.ceil(T / self.block)
+            drawn = torch.zeros(n, n + 1, dtype=torch.bool, device=device)  # column n: "none"
+            idx = self.random_pattern(n, device)
+            drawn[torch.arange(n, device=device)[:, None], idx.masked_fill(idx < 0, n)] = True
+            blk = pos // self.block
+            ok = ok | drawn[blk][:, blk]
         return ok & (pos[None, :] <= pos[:, None]) if self.causal else ok
 
     @implements("reference", op="attend")
@@ -117,15 +167,21 @@ class WindowAttention(AttentionMixer):
         vblocks = F.pad(v, padded).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
         kw = torch.cat([kblocks[:, i : i + n] for i in range(nk)], dim=3)  # (B, n, H, span, hd)
         vw = torch.cat([vblocks[:, i : i + n] for i in range(nk)], dim=3)
-        if G:  # every query block also sees the global keys: (B, n, H, span + G, hd)
+        rpos = self.random_key_positions(n, q.device) if self.random_blocks else glob[:0].expand(n, 0)
+        R = rpos.shape[1]
+        if R:  # BigBird: each query block's random key blocks, (B, n, H, span + R, hd)
+            at = rpos.clamp(0, T - 1)  # -1 (none) and the padding past T: masked below
+            kw = torch.cat((kw, k[:, :, at].permute(0, 2, 1, 3, 4)), 3)
+            vw = torch.cat((vw, v[:, :, at].permute(0, 2, 1, 3, 4)), 3)
+        if G:  # every query block also sees the global keys: (B, n, H, span + R + G, hd)
             kw = torch.cat((kw, k[:, None, :, glob].expand(B, n, H, G, hd)), 3)
             vw = torch.cat((vw, v[:, None, :, glob].expand(B, n, H, G, hd)), 3)
-        K = span + G
+        K = span + R + G
         kw, vw = kw.reshape(B * n, H, K, hd), vw.reshape(B * n, H, K, hd)
 
-        mask = self._block_mask(T, n, b, back, span, glob)  # (n, b, K) bool
+        mask = self._block_mask(T, n, b, back, span, glob, rpos)  # (n, b, K) bool
         if self.uses_alibi:
-            bias = alibi_bias(self.alibi_slopes, *self._block_positions(n, b, back, span, glob))
+            bias = alibi_bias(self.alibi_slopes, *self._block_positions(n, b, back, span, glob, rpos))
             mask = bias.to(q.dtype).masked_fill(~mask, float("-inf")).transpose(0, 1)  # (n, H, b, K)
         else:
             mask = mask[:, None]  # (n, 1, b, K)
@@ -142,31 +198,41 @@ class WindowAttention(AttentionMixer):
             y = y.index_copy(2, glob, yg)
         return y
 
-    def _block_positions(self, n, b, back, span, glob):
-        """Absolute positions of each block's queries (n, b, 1) and keys (n, 1, span + G)."""
+    def _block_positions(self, n, b, back, span, glob, rpos):
+        """Absolute positions of each block's queries (n, b, 1) and keys (n, 1, span + R + G):
+        window, random (-1: none) and global columns."""
         dev = glob.device
         start = torch.arange(n, device=dev)[:, None, None] * b
         q_pos = start + torch.arange(b, device=dev)[None, :, None]  # (n, b, 1)
         k_pos = start - back * b + torch.arange(span, device=dev)[None, None, :]  # (n, 1, span)
-        k_pos = torch.cat((k_pos, glob.expand(n, 1, -1)), -1)  # (n, 1, span + G)
+        k_pos = torch.cat((k_pos, rpos[:, None], glob.expand(n, 1, -1)), -1)
         return q_pos, k_pos
 
-    def _block_mask(self, T, n, b, back, span, glob):
-        q_pos, k_pos = self._block_positions(n, b, back, span, glob)
-        win, gcol = k_pos[..., :span], k_pos[..., span:]
+    def _block_mask(self, T, n, b, back, span, glob, rpos):
+        q_pos, k_pos = self._block_positions(n, b, back, span, glob, rpos)
+        R = rpos.shape[1]
+        win, rand, gcol = k_pos[..., :span], k_pos[..., span : span + R], k_pos[..., span + R :]
         is_g = torch.zeros(T + 1, dtype=torch.bool, device=glob.device)
         is_g[glob] = True
         real = (win >= 0) & (win < T)
         # window keys: in band, real, and not global (global keys are counted in their own columns)
         ok_w = self.band(q_pos, win) & real & ~is_g[win.clamp(0, T)]
         ok_w = ok_w | ((q_pos >= T) & (win == q_pos))  # padded queries see themselves only (no empty rows)
+        # random keys: drawn beyond the window's reach (never in band), real, not global
+        ok_r = ((rand >= 0) & (rand < T) & ~is_g[rand.clamp(0, T)]).expand(n, b, -1)
         ok_g = (gcol <= q_pos) if self.causal else torch.ones_like(gcol <= q_pos)
-        return torch.cat((ok_w, ok_g.expand(n, b, -1)), -1)
+        return torch.cat((ok_w, ok_r, ok_g.expand(n, b, -1)), -1)
 
     # -- decoding: a rolling window of keys and values, plus the global ones ----------------
     def init_state(self, batch, device=None, dtype=None) -> dict:
         if not self.causal:
             raise ZooConfigError("window decoding needs causal=True")
+        if self.random_blocks:
+            raise ZooConfigError(
+                "window with random_blocks (bigbird) does not decode: a query block's random key blocks can "
+                "lie anywhere before its window, so a step would need the whole history. Decode with "
+                "random_blocks: 0 (window) or with softmax's KV cache."
+            )
         if self.global_every or any(g >= self.window for g in self.global_tokens):
             raise ZooConfigError(
                 "window decoding keeps a rolling window of keys plus the global ones; a global "
@@ -212,4 +278,5 @@ class WindowAttention(AttentionMixer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, window={self.window}, dilation={self.dilation}, "
-                f"global_tokens={list(self.global_tokens)}, global_every={self.global_every}")
+                f"global_tokens={list(self.global_tokens)}, global_every={self.global_every}"
+                + (f", block={self.block}, random_blocks={self.random_blocks}" if self.random_blocks else ""))
