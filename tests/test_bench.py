@@ -158,6 +158,7 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
     ("extrapolation: {positions: [rotary]}", r"unknown positional scheme in extrapolation.positions 'rotary'"),
     ("speed: {lengths: [8], batch: 0}", r"speed.batch and speed.d_model must be >= 1"),
     ("timeout: -1\nspeed: {lengths: [8]}", r"timeout must be >= 1 second"),
+    ("allocator: jemalloc\nspeed: {lengths: [8]}", r"allocator must be keep or system, got 'jemalloc'"),
     ("description: nothing to do", r"has nothing to run"),
 ])
 def test_bad_suite_files_name_the_field(tmp_path, text, message):
@@ -267,6 +268,27 @@ def test_environment_names_the_machine():
     if os.path.exists("/proc/cpuinfo"):  # the model name, not the architecture word
         assert env["cpu"] and env["cpu"] != platform.machine() and env["device_name"] == env["cpu"]
     assert env["cores"] >= 1 and env["isa"] and env["threads"] >= 1 and "load" in env
+
+
+def test_measurement_processes_keep_freed_memory_by_default_and_say_so(tmp_path):
+    """A timing case runs under the allocator its suite names (default keep) and its row's env
+    says which; training cases record it in env only, so their settings (and finished rows) do
+    not change with it."""
+    import subprocess
+    import sys
+
+    code = ("import json; from zoo import sweep; "
+            "print(json.dumps(sweep.execute({'kind': 'speed', 'mixer': 'softmax', 'd_model': 16, 'args': {}, "
+            "'length': 8, 'batch': 1, 'mode': 'forward', 'dtype': 'float32', 'threads': 1, 'allocator': %r})['env']))")
+    for name, says in (("keep", "kept"), ("system", "glibc defaults")):
+        out = subprocess.run([sys.executable, "-c", code % name], capture_output=True, text=True, check=True)
+        assert says in json.loads(out.stdout.strip().splitlines()[-1])["allocator"]
+    cs = cases(load_suite("default"))
+    assert {c["allocator"] for c in cs if c["kind"] in ("speed", "decode")} == {"keep"}
+    assert all("allocator" not in c for c in cs if c["kind"] == "quality")
+    with pytest.raises(zoo.ZooConfigError, match=r"unknown train.allocator 'jemalloc'"):
+        from zoo.config import TrainConfig
+        TrainConfig(allocator="jemalloc")
 
 
 def test_results_csv_is_written_beside_the_report(tmp_path):
@@ -386,3 +408,39 @@ def test_rerun_runs_finished_cases_again_and_the_new_rows_win(tmp_path):
     run_suite(suite, out, progress=False, rerun=True)
     rows = read_rows(out / "results.jsonl")
     assert len(rows) == 2 and collect([out])[0]["finished_at"] == max(r["finished_at"] for r in rows)
+
+
+def test_rerun_pattern_list_and_contended_rows(tmp_path, capsys):
+    """--rerun PATTERN redoes only the matching keys; --list shows every case's status and runs
+    nothing; a timing flagged as contended counts as failed for --retry-failed and is marked in
+    the report with the advice to rerun it."""
+    suite = load_suite(str(write(tmp_path, "s.yaml", "speed: {mixers: [mlp, swiglu], lengths: [8], modes: [forward], "
+                                                     "d_model: 8}")))
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False)
+    rows = read_rows(out / "results.jsonl")
+    assert len(rows) == 2 and all(isinstance(r["result"]["contended"], bool) for r in rows)
+    assert all(r["result"]["utilisation"] > 0 and r["result"]["blocks"] >= 1 and "iqr_s" in r["result"] for r in rows)
+    run_suite(suite, out, progress=False, rerun="speed/swiglu/*")
+    keys = [r["key"] for r in read_rows(out / "results.jsonl")]
+    assert len(keys) == 3 and keys[-1].startswith("speed/swiglu/")
+    # the mlp row contended (as a busy machine makes it), the swiglu row not, whatever this machine
+    # did meanwhile: --list says so, --retry-failed redoes the flagged one only
+    latest = {r["key"]: r for r in collect([out])}
+    with open(out / "results.jsonl", "a") as f:
+        for key, row in latest.items():
+            busy = key.startswith("speed/mlp/")
+            row["result"].update(contended=busy, utilisation=0.31 if busy else 0.97)
+            row["finished_at"] += 1e-3
+            f.write(json.dumps(row) + "\n")
+    assert zoo_main(["bench", str(tmp_path / "s.yaml"), "--out", str(out), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "contended  speed/mlp/" in listed and "ok         speed/swiglu/" in listed and "2 cases" in listed
+    report = write_report(collect([out]), out).read_text()
+    assert " †" in report and "1 timing measured under contention" in report and "--retry-failed" in report
+    run_suite(suite, out, progress=False)  # a plain resume keeps the flagged row
+    assert len(read_rows(out / "results.jsonl")) == 5
+    run_suite(suite, out, progress=False, retry_failed=True)
+    rows = read_rows(out / "results.jsonl")
+    assert len(rows) == 6 and rows[-1]["key"].startswith("speed/mlp/") and rows[-1]["result"]["utilisation"] != 0.31
+    assert {r["key"]: r for r in collect([out])}[rows[-1]["key"]]["finished_at"] == rows[-1]["finished_at"]

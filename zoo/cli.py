@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -114,6 +115,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.timeout:
         suite.timeout = args.timeout
     out = Path(args.out or Path("bench-results") / (suite.name + ("-quick" if args.quick else "")))
+    if args.list:
+        from zoo.sweep import case_status
+
+        listed = case_status(suite, out)
+        for key, status in listed:
+            print(f"{status:10s} {key}")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(s for _, s in listed).items()))
+        print(f"{len(listed)} cases ({counts}); results folder {out}")
+        return 0
     command = args.command_line
     results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, rerun=args.rerun,
                         progress=not args.no_progress,
@@ -206,15 +216,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="test (every test set of the task) or val")
     s.set_defaults(func=cmd_test)
     s = sub.add_parser("bench", help="run a benchmark suite and write its report",
-                       description="Run a suite (built-in: default, speed, decode, quality, extrapolation, findings; or a "
-                                   "YAML path), one process per case, appending to results.jsonl; a rerun resumes.")
+                       description="Run a suite (built-in: default, speed, decode, quality, extrapolation, "
+                                   "findings; or a YAML path), one process per case, appending to results.jsonl; "
+                                   "a rerun resumes.")
     s.add_argument("suite", nargs="?", default="default")
     s.add_argument("--quick", action="store_true", help="the suite's quick variant")
     s.add_argument("--out", help="results directory (default bench-results/SUITE)")
     s.add_argument("--shard", help="i/n: run every n-th case starting at i")
-    s.add_argument("--retry-failed", action="store_true", help="rerun cases whose row says error/timeout/killed")
-    s.add_argument("--rerun", action="store_true",
-                   help="run every case again, finished or not (the new rows win; the old stay in the file)")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="rerun cases whose row says error/timeout/killed, or whose timing was measured "
+                        "under contention")
+    s.add_argument("--rerun", nargs="?", const=True, default=False, metavar="PATTERN",
+                   help="run the cases again, finished or not: every case, or those whose key matches the shell "
+                        "pattern (e.g. 'speed/window/*'); the new rows win, the old stay in the file")
+    s.add_argument("--list", action="store_true",
+                   help="list the suite's cases and their status in the results folder; "
+                        "run nothing")
     s.add_argument("--threads", type=int, default=0,
                    help="torch threads per case (default: the suite's, else the cores shared among --jobs)")
     s.add_argument("--jobs", type=int, default=1,

@@ -129,6 +129,10 @@ class TrainConfig:
     run_name: str = ""  # default: <task>-<mixers>-<time>
     overwrite: bool = False  # replace an earlier run of the same name (else refused)
     threads: int = 0  # torch.set_num_threads; 0: leave as is
+    # keep: freed memory is reused, as PyTorch's CUDA caching allocator does (the C library's
+    # default returns every large block and page-faults it in again; zoo.measure.set_allocator);
+    # system: leave the process's allocator alone
+    allocator: str = "keep"
     progress: bool = True
     compile: bool = False  # torch.compile the model (in place: checkpoints keep their parameter names)
     # Lightning loggers: csv (metrics.csv) is always written, as the zoo reads it back; add tensorboard
@@ -152,6 +156,8 @@ class TrainConfig:
             raise ZooConfigError(f"train.stop_at is a validation accuracy in [0, 1] (0: off), got {self.stop_at}")
         if self.num_nodes < 1:
             raise ZooConfigError(f"train.num_nodes must be >= 1, got {self.num_nodes}")
+        if self.allocator not in ("keep", "system"):
+            raise unknown("train.allocator", self.allocator, ("keep", "system"))
         for name in self.loggers:
             if name not in LOGGERS:
                 raise unknown("logger in train.loggers", name, LOGGERS)

@@ -14,6 +14,7 @@ import ctypes.util
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,10 +65,28 @@ def environment(device: str | torch.device = "cpu") -> dict:
                              cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    env.update({"torch": torch.__version__, "threads": torch.get_num_threads(),
+    env.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": _allocator,
                 "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                 "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown"})
     return env
+
+
+ALLOCATORS = ("keep", "system")
+_allocator = "system allocator (glibc defaults)"  # what this process runs with (environment())
+
+
+def set_allocator(name: str) -> str:
+    """The zoo's measurement and training processes call this first: ``keep`` (the default)
+    keeps freed memory for reuse (:func:`keep_freed_memory`), ``system`` leaves the C library's
+    defaults. Recorded by :func:`environment` as ``allocator``; returns the description."""
+    global _allocator
+    if name not in ALLOCATORS:
+        from zoo.errors import unknown
+
+        raise unknown("allocator", name, ALLOCATORS)
+    if name == "keep":
+        _allocator = keep_freed_memory()
+    return _allocator
 
 
 def keep_freed_memory() -> str:
@@ -87,7 +106,9 @@ def keep_freed_memory() -> str:
         ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**30) == 1
     except (OSError, AttributeError, TypeError):
         ok = False
-    return "glibc malloc, freed memory kept (mmap off)" if ok else "system allocator (unchanged)"
+    global _allocator
+    _allocator = "glibc malloc, freed memory kept (mmap off)" if ok else "system allocator (unchanged)"
+    return _allocator
 
 
 def bench_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
@@ -191,6 +212,27 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class Utilisation:
+    """CPU time this process got over a timed section, per thread and second of wall time: near
+    1 when its threads ran unhindered, lower when other processes took the cores (the flag of a
+    timing measured under contention; on CUDA the host mostly waits, so it is not used there)."""
+
+    CONTENDED_BELOW = 0.6
+
+    def __init__(self, threads: int):
+        self.threads, self.value = max(1, threads), None
+
+    def __enter__(self):
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._wall
+        if wall > 0:
+            self.value = round((time.process_time() - self._cpu) / (wall * self.threads), 3)
+        return False
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of ``fn()`` by ``FlopCounterMode`` (matmuls, convolutions and attention kernels;
     elementwise ops, softmax, scans and custom kernels are not counted)."""
@@ -248,8 +290,10 @@ def measure_speed(case: dict) -> dict:
         run()
         peak = peak_rss_bytes() - before
     threads = torch.get_num_threads()
-    t = benchmark.Timer("run()", globals={"run": run}, num_threads=threads).blocked_autorange(min_run_time=0.5)
+    with Utilisation(threads) as use:
+        t = benchmark.Timer("run()", globals={"run": run}, num_threads=threads).blocked_autorange(min_run_time=0.5)
     row = {"seconds": t.median, "tokens_per_s": B * T / t.median, "peak_bytes": peak,
+           "iqr_s": t.iqr, "blocks": len(t.times), "utilisation": use.value,
            "flops_forward": count_flops(lambda: m(x.detach())), "params": sum(p.numel() for p in m.parameters()),
            "backend": m.backend_for(device) if hasattr(m, "backend_for") else "n/a", "dtype": case["dtype"]}
     if backward:
@@ -281,13 +325,17 @@ def measure_decode(case: dict) -> dict:
         steps = x[:, :S]
         decode(m, steps, copy.deepcopy(state))  # warm-up
         times: list[float] = []
-        while len(times) < 3 or (sum(times) * S < 0.3 and len(times) < 50):
-            s = copy.deepcopy(state)
-            sync()
-            start = time.perf_counter()
-            decode(m, steps, s)
-            sync()
-            times.append((time.perf_counter() - start) / S)
-    seconds = sorted(times)[len(times) // 2]
+        with Utilisation(torch.get_num_threads()) as use:
+            while len(times) < 3 or (sum(times) * S < 0.3 and len(times) < 50):
+                s = copy.deepcopy(state)
+                sync()
+                start = time.perf_counter()
+                decode(m, steps, s)
+                sync()
+                times.append((time.perf_counter() - start) / S)
+    ordered = sorted(times)
+    seconds = ordered[len(times) // 2]
+    iqr = ordered[(3 * len(times)) // 4] - ordered[len(times) // 4]
     return {"seconds_per_token": seconds, "tokens_per_s": B / seconds, "state_bytes": state_nbytes(state),
-            "decode_steps": S, "repeats": len(times), "threads": torch.get_num_threads()}
+            "decode_steps": S, "repeats": len(times), "threads": torch.get_num_threads(), "iqr_s": iqr,
+            "utilisation": use.value}

@@ -425,8 +425,9 @@ def _speed_section(rows, out_dir):
             slope = loglog_slope(ns, [t[n]["seconds"] for n in ns]) if len(ns) > 1 else float("nan")
             sequence = next(iter(t.values())).get("mixer_kind") == "sequence_mixers"
             cross = crossover(t, ref) if ref and sequence and mixer != "softmax" else "-"
-            cells = " | ".join(_fmt(t[n]["tokens_per_s"]) if n in t else "-" for n in lengths)
+            cells = " | ".join(_fmt(t[n]["tokens_per_s"]) + _contended(t[n]) if n in t else "-" for n in lengths)
             lines.append(f"| {mixer} | {cells} | {slope:.2f} | {cross} |")
+        lines += _contention_note([r for t in table.values() for r in t.values()])
         memory = [("peak_bytes", "peak memory increase of the case's process (CUDA: max_memory_allocated; "
                    "CPU: VmHWM)")]
         if mode == "forward_backward":
@@ -481,10 +482,24 @@ def _decode_section(rows):
              "| mixer | " + " | ".join(f"us/token @{n}" for n in ctxs) + " | " + " | ".join(f"state @{n}" for n in ctxs)
              + " |", "|---|" + "---|" * (2 * len(ctxs))]
     for mixer, t in sorted(table.items()):
-        us = " | ".join(f"{t[n]['seconds_per_token'] * 1e6:.0f}" if n in t else "-" for n in ctxs)
+        us = " | ".join(f"{t[n]['seconds_per_token'] * 1e6:.0f}{_contended(t[n])}" if n in t else "-" for n in ctxs)
         st = " | ".join(_fmt(t[n]["state_bytes"], "B") if n in t else "-" for n in ctxs)
         lines.append(f"| {mixer} | {us} | {st} |")
-    return lines + [""]
+    return lines + _contention_note([r for t in table.values() for r in t.values()]) + [""]
+
+
+def _contended(result: dict) -> str:
+    return " †" if result.get("contended") is True else ""
+
+
+def _contention_note(results: list[dict]) -> list[str]:
+    """The footnote for timings measured under contention, with how to redo them."""
+    n = sum(1 for r in results if r.get("contended") is True)
+    if not n:
+        return []
+    return ["", f"† {n} timing{'s' if n > 1 else ''} measured under contention: the case's process got less "
+            "than 60 % of its threads' CPU time while timing (other load on the machine), so the number is "
+            "too slow. Rerun them alone: `zoo bench SUITE --retry-failed` redoes flagged and failed cases."]
 
 
 def _extrapolation_section(rows):

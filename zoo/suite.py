@@ -92,6 +92,10 @@ class Suite:
     description: str = ""
     threads: int = 0  # torch threads per case; 0: all cores
     timeout: int = 600  # seconds per case
+    # keep: freed memory is reused, as a caching allocator does (zoo.measure.set_allocator); system:
+    # the C library's defaults. Timing cases carry it in their settings; training cases record it
+    # in their row's env only (it changes their speed, not what they compute)
+    allocator: str = "keep"
     speed: Union[SpeedSpec, None] = None  # noqa: UP007
     decode: Union[DecodeSpec, None] = None  # noqa: UP007
     quality: Union[QualitySpec, None] = None  # noqa: UP007
@@ -107,6 +111,8 @@ class Suite:
         if self.timeout < 1 or self.threads < 0:
             raise ZooConfigError(f"{where}: timeout must be >= 1 second and threads >= 0 (0: the machine's); "
                                  f"got timeout={self.timeout}, threads={self.threads}")
+        if self.allocator not in ("keep", "system"):
+            raise ZooConfigError(f"{where}: allocator must be keep or system, got {self.allocator!r}")
         for name, spec in (("speed", self.speed), ("decode", self.decode)):
             if spec and (spec.batch < 1 or spec.d_model < 1):
                 raise ZooConfigError(f"{where}: {name}.batch and {name}.d_model must be >= 1; "
@@ -241,6 +247,8 @@ def cases(suite: Suite) -> list[dict]:
         if c["kind"] in ("quality", "extrapolation", "findings"):
             _check_model(suite.name, c)
         c["threads"] = suite.threads
+        if c["kind"] in ("speed", "decode") or suite.allocator != "keep":
+            c["allocator"] = suite.allocator
     return copy.deepcopy(out)
 
 

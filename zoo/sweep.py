@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -168,10 +169,14 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)}
     todo = [c for k, c in enumerate(cases(suite)) if k % n == i]
 
+    def redo(key: str) -> bool:  # --rerun: every case, or those whose key matches the pattern
+        return rerun is True or (isinstance(rerun, str) and fnmatch.fnmatchcase(key, rerun))
+
     def finished(c: dict) -> bool:  # same key *and* same settings: an edited suite reruns what it changed
         row = done.get(c["key"])
-        return (not rerun and row is not None and row.get("case") == json.loads(json.dumps(c))
-                and (row.get("status") == "ok" or not retry_failed))
+        flagged = row is not None and (row.get("status") != "ok" or _contended(row))
+        return (not redo(c["key"]) and row is not None and row.get("case") == json.loads(json.dumps(c))
+                and not (flagged and retry_failed))
 
     pending = [c for c in todo if not finished(c)]
     try:
@@ -295,6 +300,29 @@ def run_isolated(case: dict, timeout: int, argv: list[str] | None = None) -> dic
     return {**base, **json.loads(lines[-1]), "wall_s": wall}
 
 
+def _contended(row: dict) -> bool:
+    result = row.get("result")
+    return isinstance(result, dict) and result.get("contended") is True
+
+
+def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
+    """(key, status) of every case of the suite against the results in out_dir, without running
+    anything: pending, changed (a row with other settings), ok, contended, or the row's status."""
+    from zoo.suite import cases
+
+    done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)} if out_dir.is_dir() else {}
+    out = []
+    for c in cases(suite):
+        row = done.get(c["key"])
+        if row is None:
+            out.append((c["key"], "pending"))
+        elif row.get("case") != json.loads(json.dumps(c)):
+            out.append((c["key"], "changed"))
+        else:
+            out.append((c["key"], "contended" if _contended(row) else str(row.get("status"))))
+    return out
+
+
 def _prepare(todo: list[dict]) -> None:
     """Build what cases would otherwise build concurrently, once, here: the mamba C++ kernels
     (a case killed mid-compile would leave torch's build lock for every later case to wait on)."""
@@ -310,14 +338,20 @@ def execute(case: dict) -> dict:
 
     from zoo import measure
 
+    measure.set_allocator(case.get("allocator", "keep"))
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
     kind = case["kind"]
-    if kind == "speed":
-        result = measure.measure_speed(case)
-    elif kind == "decode":
-        result = measure.measure_decode(case)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if kind in ("speed", "decode"):
+        result = (measure.measure_speed if kind == "speed" else measure.measure_decode)(case)
+        cuda = torch.cuda.is_available()
+        # flagged when this process got well under its threads' worth of CPU while timing
+        use = result.get("utilisation")
+        result["contended"] = bool(not cuda and use is not None and use < measure.Utilisation.CONTENDED_BELOW)
+        result["load_before"] = load
+        result["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     elif kind in ("quality", "extrapolation", "findings"):
         result = _train_case(case)
     else:

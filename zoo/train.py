@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from zoo.config import Config, ModelConfig, TrainConfig, dump_config, from_dict, to_dict
 from zoo.errors import ZooConfigError, ZooDiverged, unknown
-from zoo.measure import environment
+from zoo.measure import environment, set_allocator
 from zoo.model import build_model, resolve_position
 from zoo.registry import TASKS, default_registry
 from zoo.tasks.base import IGNORE, Task
@@ -362,6 +362,7 @@ def fit(cfg: Config, resume: str | None = None, **trainer_overrides: Any) -> dic
         raise ZooConfigError(f"--resume: no checkpoint file at {resume!r}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    set_allocator(cfg.train.allocator)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     cfg, task = resolve(cfg)
     run_dir = Path(cfg.train.log_dir) / run_name(cfg)

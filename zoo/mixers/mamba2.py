@@ -180,7 +180,8 @@ class Mamba2(SequenceMixer):
         """The recurrence, one position at a time."""
         h, ys = x.new_zeros(*x.shape[:1], x.shape[2], x.shape[3], Bm.shape[-1]), []
         for t in range(x.shape[1]):
-            h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
+            write = (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]  # dt x B^T, (B, H, P, N)
+            h = torch.exp(dt[:, t] * A)[..., None, None] * h + write
             ys.append((h @ Cm[:, t, :, :, None])[..., 0])
         return torch.stack(ys, 1)
 
