@@ -140,6 +140,23 @@ def test_bigbird_errors():
         zoo.build_mixer("bigbird", D, random_blocks=-1)
 
 
+@pytest.mark.parametrize("name,kw", [
+    ("bigbird", {"causal": True, "window": 5, "block": 4, "random_blocks": 2, "global_tokens": [0, 3]}),
+    ("window", {"causal": False, "window": 4, "dilation": 2, "global_tokens": [5], "global_every": 11,
+                "position": "alibi"}),
+])
+def test_flex_attention_backend_equals_the_blocked_one(name, kw):
+    """The flex backend (auto's choice on CUDA) compiles on the CPU for the forward only: its
+    block mask and ALiBi score modification against the blocked SDPA backend, and auto keeps
+    the blocked backend on the CPU."""
+    m = zoo.build_mixer(name, D, n_heads=H, **kw)
+    assert m.backend_for(torch.device("cpu")) == "torch"
+    x = torch.randn(2, 45, D)
+    with torch.no_grad():
+        q, k, v = m.project(x)
+        torch.testing.assert_close(m.attend_flex(q, k, v), m.attend_torch(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 # -- lsh ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [True, False])
 def test_lsh_one_bucket_is_full_attention_with_self_masking(causal):

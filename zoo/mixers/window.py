@@ -21,11 +21,17 @@ Backends:
   torch      blocked: queries in blocks of ``block``, each attending the keys of the blocks
              within reach plus the global keys, through ``scaled_dot_product_attention`` with a
              per-block mask; the global queries' rows are computed separately. Time and memory
-             grow as O(T (r + block + G)); no T x T tensor exists.
+             grow as O(T (r + block + G)); no T x T tensor exists;
+  flex       ``torch.nn.attention.flex_attention`` with a block mask of the same rule (window,
+             dilation, global, random blocks; ALiBi as a score modification), compiled: one fused
+             block-sparse kernel. ``auto`` takes it on CUDA; on the CPU PyTorch has no backward
+             for it, so there it is only called directly (the tests check its forward against the
+             blocked backend) and CPU training keeps the blocked SDPA.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,7 +44,7 @@ from zoo.nn.positions import alibi_bias
 
 
 class WindowAttention(AttentionMixer):
-    AUTO_ORDER = ("torch",)
+    AUTO_ORDER = ("flex", "torch")  # flex: CUDA only (no backward on the CPU)
 
     def __init__(
         self,
@@ -223,6 +229,37 @@ class WindowAttention(AttentionMixer):
         ok_g = (gcol <= q_pos) if self.causal else torch.ones_like(gcol <= q_pos)
         return torch.cat((ok_w, ok_r, ok_g.expand(n, b, -1)), -1)
 
+    # -- flex_attention: the same rule as one block-sparse kernel ---------------------------
+    @implements("flex", op="attend", devices=("cuda",))
+    def attend_flex(self, q, k, v):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        T, dev = q.shape[-2], q.device
+        is_g = torch.zeros(T, dtype=torch.bool, device=dev)
+        is_g[self.global_positions(T, dev)] = True
+        n = math.ceil(T / self.block)
+        drawn = torch.zeros(n, n + 1, dtype=torch.bool, device=dev)
+        if self.random_blocks:
+            idx = self.random_pattern(n, dev)
+            drawn[torch.arange(n, device=dev)[:, None], idx.masked_fill(idx < 0, n)] = True
+        reach, dilation, block, causal = self.reach, self.dilation, self.block, self.causal
+
+        def mask_mod(b, h, qi, ki):
+            d = qi - ki
+            ok = (d.abs() < reach) & (d % dilation == 0)
+            ok = ok | is_g[qi] | is_g[ki] | drawn[qi // block, ki // block]
+            return ok & (d >= 0) if causal else ok
+
+        score_mod = None
+        if self.uses_alibi:
+            slopes = self.alibi_slopes.to(q.dtype)
+
+            def score_mod(score, b, h, qi, ki):
+                return score - slopes[h] * (qi - ki).abs().to(score.dtype)
+
+        mask = create_block_mask(mask_mod, None, None, T, T, device=dev)
+        return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale)
+
     # -- decoding: a rolling window of keys and values, plus the global ones ----------------
     def init_state(self, batch, device=None, dtype=None) -> dict:
         if not self.causal:
@@ -280,3 +317,11 @@ class WindowAttention(AttentionMixer):
         return (f"{super().extra_repr()}, window={self.window}, dilation={self.dilation}, "
                 f"global_tokens={list(self.global_tokens)}, global_every={self.global_every}"
                 + (f", block={self.block}, random_blocks={self.random_blocks}" if self.random_blocks else ""))
+
+
+@functools.cache
+def _flex_attention():
+    """flex_attention compiled once per process (uncompiled it materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
