@@ -149,6 +149,14 @@ class SequenceMixer(nn.Module):
         unless its config sets ``allow_causal_leak: true``."""
         return None
 
+    def flops(self, batch: int, length: int) -> int | None:
+        """Forward FLOPs of the ``torch`` backend's algorithm on (batch, length, d_model), 2 per
+        multiply-add (FlopCounterMode's convention), or None: not counted. A formula, not a
+        measurement, so it holds for every backend and device (a fused kernel does the same
+        products). Subclasses that have one override it (tests check each against FlopCounterMode
+        on the CPU, where it sees every product); a mixer without one shows "not counted"."""
+        return None
+
     def full_at(self, length: int) -> bool:
         """True when, at sequences of ``length``, this mixer's restriction (a window, a bucket)
         covers the whole sequence, so that it computes full attention: a comparison that means

@@ -212,6 +212,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def flops(module, batch: int, length: int) -> int | None:
+    """The module's own forward-FLOP formula (``flops(batch, length)``), or None: not counted.
+    FlopCounterMode is no substitute for a missing formula: it sees neither custom kernels nor
+    elementwise scans, so it would print a number that is wrong (it is recorded beside, as
+    ``flops_counter``, for comparison)."""
+    f = getattr(module, "flops", None)
+    value = f(batch, length) if callable(f) else None
+    return int(value) if value is not None else None
+
+
 class Utilisation:
     """CPU time this process got over a timed section, per thread and second of wall time: near
     1 when its threads ran unhindered, lower when other processes took the cores (the flag of a
@@ -234,8 +244,11 @@ class Utilisation:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of ``fn()`` by ``FlopCounterMode`` (matmuls, convolutions and attention kernels;
-    elementwise ops, softmax, scans and custom kernels are not counted)."""
+    """FLOPs of ``fn()`` by ``FlopCounterMode`` (matmuls, convolutions and attention kernels,
+    the CPU one included through zoo.flops; elementwise ops, softmax, scans and custom kernels
+    are not counted)."""
+    import zoo.flops  # noqa: F401  (registers the CPU attention kernel's formula)
+
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -294,7 +307,8 @@ def measure_speed(case: dict) -> dict:
         t = benchmark.Timer("run()", globals={"run": run}, num_threads=threads).blocked_autorange(min_run_time=0.5)
     row = {"seconds": t.median, "tokens_per_s": B * T / t.median, "peak_bytes": peak,
            "iqr_s": t.iqr, "blocks": len(t.times), "utilisation": use.value,
-           "flops_forward": count_flops(lambda: m(x.detach())), "params": sum(p.numel() for p in m.parameters()),
+           "flops_forward": flops(m, B, T), "flops_counter": count_flops(lambda: m(x.detach())),
+           "params": sum(p.numel() for p in m.parameters()),
            "backend": m.backend_for(device) if hasattr(m, "backend_for") else "n/a", "dtype": case["dtype"]}
     if backward:
         row["saved_bytes"] = saved_tensor_bytes(lambda: m(x))

@@ -443,12 +443,23 @@ def _speed_section(rows, out_dir):
                 lines.append(f"| {mixer} | {cells} | {slope:.2f} |")
         key = memory[-1][0]
         what = "bytes saved for backward (B)" if key == "saved_bytes" else "peak memory increase (B)"
-        lines += ["", "forward FLOPs (`FlopCounterMode`: matmuls, convolutions, CUDA attention kernels; not "
-                  "elementwise work, scans, or the CPU flash-attention kernel):", "",
-                  "| mixer | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        passes = 3 if mode == "forward_backward" else 1  # backward ~ 2x forward (PaLM's, nanoGPT's rule)
+        lines += ["", "forward FLOPs from each mixer's own formula (2 per multiply-add; `flops(batch, length)`, "
+                  "checked against FlopCounterMode in the tests; \"not counted\": the mixer has no formula), "
+                  f"and the achieved rate, {passes} x forward FLOPs per second"
+                  + (" (backward counted as twice the forward)" if passes == 3 else "") + ":", "",
+                  "| mixer | " + " | ".join(f"FLOPs @{n}" for n in lengths) + " | "
+                  + " | ".join(f"GFLOP/s @{n}" for n in lengths) + " |", "|---|" + "---|" * (2 * len(lengths))]
         for mixer, t in sorted(table.items()):
-            lines.append(f"| {mixer} | " + " | ".join(_fmt(t[n].get("flops_forward")) if n in t else "-"
-                                                     for n in lengths) + " |")
+            def count(n):
+                return "-" if n not in t else ("not counted" if t[n].get("flops_forward") is None
+                                               else _fmt(t[n]["flops_forward"]))
+
+            def rate(n):
+                f = t[n].get("flops_forward") if n in t else None
+                return "-" if f is None or not t[n].get("seconds") else f"{passes * f / t[n]['seconds'] / 1e9:.1f}"
+            lines.append(f"| {mixer} | " + " | ".join(count(n) for n in lengths) + " | "
+                         + " | ".join(rate(n) for n in lengths) + " |")
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for mixer, t in sorted(table.items()):
             ns = sorted(t)

@@ -23,6 +23,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
 
+    def flops(self, batch: int, length: int) -> int:
+        """Forward FLOPs: the two matmuls (2 per multiply-add)."""
+        return 2 * batch * length * (self.up.in_features * self.up.out_features * 2)
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); ``hidden`` defaults to 8/3 * d_model rounded up to 8,
@@ -39,3 +43,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+    def flops(self, batch: int, length: int) -> int:
+        """Forward FLOPs: gate and up (one matmul) and down."""
+        d, h = self.down.out_features, self.down.in_features
+        return 2 * batch * length * (d * 2 * h + h * d)

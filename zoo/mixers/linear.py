@@ -16,6 +16,8 @@ Decode: the recurrent form, state (S, z) of size H * d * (d + 1), independent of
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -123,6 +125,19 @@ class LinearAttention(AttentionMixer):
         return CausalChunked.apply(q, k, v, c, self.eps)[:, :, :T]
 
     # -- decoding: the recurrent form ----------------------------------------------------
+    def attend_flops(self, batch: int, length: int) -> int:
+        """Bidirectional: K^T V, Q S and the normaliser Q z. Causal (chunks of c, the length
+        padded to whole chunks): each chunk's K^T [V|1] and Q S over the padded length, and the
+        masked chunk scores Q K^T and their product with [V|1]."""
+        BH, d = batch * self.n_heads, self.head_dim
+        if not self.causal:
+            return BH * (2 * length * d * d * 2 + 2 * length * d)
+        if length == 0:
+            return 0
+        c = min(self.chunk, length)
+        n = math.ceil(length / c)
+        return BH * (2 * 2 * n * c * d * (d + 1) + 2 * n * c * c * d + 2 * n * c * c * (d + 1))
+
     def init_state(self, batch, device=None, dtype=None) -> dict:
         w = self.qkv.weight
         kw = {"device": device or w.device, "dtype": dtype or w.dtype}

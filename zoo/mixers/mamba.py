@@ -129,6 +129,19 @@ class Mamba(SequenceMixer):
         y = scan(x, delta, A, Bm, Cm, D, z, bias)
         return self.out_proj(y)
 
+    def flops(self, batch: int, length: int) -> int:
+        """The projections (in, x, dt, out), the depthwise conv, and the scan's multiply-adds:
+        per position, channel and state, exp(delta A) h (1), + delta B x (2), C . h (2), plus
+        delta x once per channel (the exponential itself is not counted)."""
+        BT, di, N, R = batch * length, self.d_inner, self.d_state, self.dt_rank
+        proj = 2 * BT * (self.d_model * 2 * di + di * (R + 2 * N) + R * di + di * self.d_model)
+        return proj + 2 * BT * di * self.d_conv + self.scan_flops(batch, length)
+
+    def scan_flops(self, batch: int, length: int) -> int:
+        """The selective scan's part of :meth:`flops` (FlopCounterMode cannot see it: the C++
+        kernel, or elementwise products)."""
+        return batch * length * self.d_inner * (5 * self.d_state + 1)
+
     # -- decoding ----------------------------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         w = self.in_proj.weight

@@ -208,6 +208,19 @@ class Mamba2(SequenceMixer):
         y = inner + (q * torch.exp(b)[..., None]) @ states
         return y.permute(0, 2, 3, 1, 4).reshape(Bsz, n * c, H, P)[:, :L]
 
+    def flops(self, batch: int, length: int) -> int:
+        """in_proj and out_proj, the depthwise conv over x, B and C, and the chunked scan's
+        products per head and chunk (the length padded to whole chunks): C B^T, its product
+        with dt x, each chunk's B^T (dt x) and the read of the carried state by C."""
+        BT, di, N, P, H = batch * length, self.d_inner, self.d_state, self.headdim, self.nheads
+        proj = 2 * BT * (self.d_model * (2 * di + 2 * self.ngroups * N + H) + di * self.d_model)
+        if length == 0:
+            return proj
+        c = min(self.chunk, length)
+        Tp = math.ceil(length / c) * c
+        scan = 2 * batch * H * Tp * (c * N + c * P + N * P + N * P)
+        return proj + 2 * BT * self.conv_dim * self.d_conv + scan
+
     # -- decoding ----------------------------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         w = self.in_proj.weight

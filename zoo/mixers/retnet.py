@@ -94,6 +94,18 @@ class RetNet(MatrixStateAttention):
         cross = (q * from_start[:, None]) @ states  # (B, H, n, c, hd)
         return (inner + cross).view(B, H, n * c, hd)[:, :, :T]
 
+    def flops(self, batch: int, length: int) -> int:
+        """The attention projections and the swish gate, and the chunkwise products per head
+        (the length padded to whole chunks): Q K^T and its product with V inside each chunk,
+        each chunk's K^T V, and Q times the carried state."""
+        width = self.n_heads * self.head_dim
+        proj = 2 * batch * length * self.d_model * width * 5
+        if length == 0:
+            return proj
+        c, d = min(self.chunk, length), self.head_dim
+        Tp = math.ceil(length / c) * c
+        return proj + 2 * batch * self.n_heads * Tp * (2 * c * d + 2 * d * d)
+
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v):
         B, H, T, _ = q.shape

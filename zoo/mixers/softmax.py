@@ -47,6 +47,11 @@ class SoftmaxAttention(AttentionMixer):
         return _xformers_attend(q, k, v, bias, self.causal and not self.uses_alibi, p)
 
     # -- decoding: a KV cache that doubles its capacity when full ------------------------
+    def attend_flops(self, batch: int, length: int) -> int:
+        """Q K^T and P V over the full square, as every attention kernel counts (a causal kernel
+        may skip the masked half; FlopCounterMode and nanoGPT's estimate count it too)."""
+        return 4 * batch * self.n_heads * length * length * self.head_dim
+
     def init_state(self, batch: int, device=None, dtype=None, capacity: int = 64) -> dict:
         shape = (batch, self.n_heads, capacity, self.head_dim)
         dtype = dtype or self.qkv.weight.dtype

@@ -148,6 +148,18 @@ class WindowAttention(AttentionMixer):
         scores = scores.masked_fill(~self.dense_mask(T, q.device), float("-inf"))
         return scores.softmax(-1) @ v
 
+    def attend_flops(self, batch: int, length: int) -> int:
+        """The blocked backend's products: each query block against its window blocks, random
+        blocks and global keys, and the global queries against every key."""
+        if length == 0:
+            return 0
+        b = min(self.block, length)
+        back, n = math.ceil((self.reach - 1) / b), math.ceil(length / b)
+        span = (back + 1 if self.causal else 2 * back + 1) * b
+        R = self.random_blocks * self.block if self.random_blocks else 0
+        G = self.global_positions(length, "cpu").numel()
+        return 4 * batch * self.n_heads * self.head_dim * (n * b * (span + R + G) + G * length)
+
     # -- the blocked backend ----------------------------------------------------------------
     @implements("torch", op="attend")
     def attend_torch(self, q, k, v):

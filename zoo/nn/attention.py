@@ -108,6 +108,18 @@ class AttentionMixer(SequenceMixer):
         ``@implements(backend, op="attend")``."""
         return self.implementation("attend", q.device)(q, k, v)
 
+    # -- FLOPs: the projections plus the variant's attend ------------------------------------
+    def flops(self, batch: int, length: int) -> int | None:
+        core = self.attend_flops(batch, length)
+        if core is None:
+            return None
+        width = self.n_heads * self.head_dim
+        return 2 * batch * length * self.d_model * width * 4 + core  # q, k, v and out projections
+
+    def attend_flops(self, batch: int, length: int) -> int | None:
+        """FLOPs of ``attend`` on (batch, length) (the torch backend's algorithm); None: unknown."""
+        return None
+
     # -- what a variant's attend needs ---------------------------------------------------
     @property
     def uses_alibi(self) -> bool:
