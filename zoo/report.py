@@ -451,15 +451,8 @@ def _speed_section(rows, out_dir):
                   "| mixer | " + " | ".join(f"FLOPs @{n}" for n in lengths) + " | "
                   + " | ".join(f"GFLOP/s @{n}" for n in lengths) + " |", "|---|" + "---|" * (2 * len(lengths))]
         for mixer, t in sorted(table.items()):
-            def count(n):
-                return "-" if n not in t else ("not counted" if t[n].get("flops_forward") is None
-                                               else _fmt(t[n]["flops_forward"]))
-
-            def rate(n):
-                f = t[n].get("flops_forward") if n in t else None
-                return "-" if f is None or not t[n].get("seconds") else f"{passes * f / t[n]['seconds'] / 1e9:.1f}"
-            lines.append(f"| {mixer} | " + " | ".join(count(n) for n in lengths) + " | "
-                         + " | ".join(rate(n) for n in lengths) + " |")
+            lines.append(f"| {mixer} | " + " | ".join(_flop_count(t.get(n)) for n in lengths) + " | "
+                         + " | ".join(_flop_rate(t.get(n), passes) for n in lengths) + " |")
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for mixer, t in sorted(table.items()):
             ns = sorted(t)
@@ -497,6 +490,17 @@ def _decode_section(rows):
         st = " | ".join(_fmt(t[n]["state_bytes"], "B") if n in t else "-" for n in ctxs)
         lines.append(f"| {mixer} | {us} | {st} |")
     return lines + _contention_note([r for t in table.values() for r in t.values()]) + [""]
+
+
+def _flop_count(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    return "not counted" if result.get("flops_forward") is None else _fmt(result["flops_forward"])
+
+
+def _flop_rate(result: dict | None, passes: int) -> str:
+    f = result.get("flops_forward") if result else None
+    return "-" if f is None or not result.get("seconds") else f"{passes * f / result['seconds'] / 1e9:.1f}"
 
 
 def _contended(result: dict) -> str:
