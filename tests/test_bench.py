@@ -444,3 +444,35 @@ def test_rerun_pattern_list_and_contended_rows(tmp_path, capsys):
     rows = read_rows(out / "results.jsonl")
     assert len(rows) == 6 and rows[-1]["key"].startswith("speed/mlp/") and rows[-1]["result"]["utilisation"] != 0.31
     assert {r["key"]: r for r in collect([out])}[rows[-1]["key"]]["finished_at"] == rows[-1]["finished_at"]
+
+
+@pytest.mark.parametrize("cluster", ["debug", "local"])
+def test_submitit_runs_the_cases_and_the_report_says_where(tmp_path, cluster):
+    """The same suite through submitit (debug: in this process; local: its executor's own
+    processes, the code path a SLURM array takes) gives the same rows as a plain sweep, each with
+    its job; resume skips them, and the report lists where the cases ran."""
+    pytest.importorskip("submitit")
+    from zoo.sweep import SubmititRunner
+
+    suite = load_suite(str(write(tmp_path, "s.yaml", "speed: {mixers: [mlp, swiglu], lengths: [8], modes: [forward], "
+                                                     "d_model: 8}")))
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False, jobs=2, runner=SubmititRunner(cluster, tmp_path / "jobs", timeout=120))
+    rows = read_rows(out / "results.jsonl")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["ran_on"]["executor"] == f"submitit-{cluster}" and r["ran_on"]["job_id"] for r in rows)
+    assert all(r["result"]["tokens_per_s"] > 0 and r["env"]["host"] for r in rows)
+    run_suite(suite, out, progress=False)  # resume: nothing left
+    assert len(read_rows(out / "results.jsonl")) == 2
+    report = write_report(collect([out]), out).read_text()
+    assert "Where the cases ran" in report and f"submitit-{cluster}" in report
+
+
+def test_submitit_errors_name_what_is_wrong(tmp_path):
+    pytest.importorskip("submitit")
+    from zoo.sweep import SubmititRunner
+
+    with pytest.raises(zoo.ZooConfigError, match=r"unknown submitit cluster 'slrum'.*slurm"):
+        SubmititRunner("slrum", tmp_path)
+    assert zoo_main(["bench", "default", "--submitit", "local", "--submitit-args", "[1, 2]",
+                     "--out", str(tmp_path / "o")]) == 2

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import yaml
 
 from zoo.errors import ZooConfigError, ZooDiverged, read_yaml
 from zoo.registry import CHANNEL, ENV_VAR, POSITION_SCHEMES, SEQUENCE, TASKS, Registry, default_registry, hyper_defaults
@@ -125,9 +126,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{len(listed)} cases ({counts}); results folder {out}")
         return 0
     command = args.command_line
+    runner = None
+    if args.submitit:
+        from zoo.sweep import SubmititRunner
+
+        params = yaml.safe_load(args.submitit_args) if args.submitit_args else {}
+        if not isinstance(params, dict):
+            raise ZooConfigError(f"--submitit-args must be a mapping, e.g. '{{slurm_partition: gpu}}'; got "
+                                 f"{args.submitit_args!r}")
+        runner = SubmititRunner(args.submitit, out / "submitit", params, suite.timeout)
     results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, rerun=args.rerun,
-                        progress=not args.no_progress,
-                        command=command, jobs=args.jobs)
+                        progress=not args.no_progress, command=command, jobs=args.jobs, runner=runner)
     rows = collect([results])
     failed = [r for r in rows if r.get("status") != "ok"]
     print(f"{len(rows) - len(failed)} cases ok, {len(failed)} did not finish; results in {results}")
@@ -237,6 +246,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=1,
                    help="training cases run this many at a time (timing cases always run alone)")
     s.add_argument("--timeout", type=int, default=0, help="seconds per case (default: the suite's)")
+    s.add_argument("--submitit", metavar="CLUSTER",
+                   help="run the cases as submitit jobs: slurm (a cluster; results on a shared filesystem), "
+                        "local (submitit's executor on this machine) or debug (in this process)")
+    s.add_argument("--submitit-args", metavar="YAML",
+                   help="submitit executor parameters, e.g. '{slurm_partition: gpu, gpus_per_node: 1}'")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("report", help="write report.md (and plots) from result files or directories")

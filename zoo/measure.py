@@ -65,7 +65,8 @@ def environment(device: str | torch.device = "cpu") -> dict:
                              cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    env.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": _allocator,
+    env.update({"host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "allocator": _allocator,
                 "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                 "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown"})
     return env

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from zoo.measure import loglog_slope
@@ -126,6 +126,7 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         lines += ["", f"{len(ok)} of {len(rows)} cases ran"
                   + ("; times are medians of `torch.utils.benchmark` blocks and hold only for this machine; "
                      "ratios are the portable part." if timed else "; the environment is the first row's."), ""]
+        lines += _where_section(ok)
     lines += _findings_section(rows, out_dir)
     lines += _quality_section(rows, out_dir)
     lines += _speed_section(rows, out_dir)
@@ -490,6 +491,17 @@ def _decode_section(rows):
         st = " | ".join(_fmt(t[n]["state_bytes"], "B") if n in t else "-" for n in ctxs)
         lines.append(f"| {mixer} | {us} | {st} |")
     return lines + _contention_note([r for t in table.values() for r in t.values()]) + [""]
+
+
+def _where_section(ok: list[dict]) -> list[str]:
+    """Where the cases ran, when not all on one host through one executor (a cluster sweep)."""
+    places = Counter((str(r["env"].get("host", "?")), str((r.get("ran_on") or {}).get("executor", "local process")))
+                     for r in ok)
+    if len(places) < 2 and not any(r.get("ran_on") for r in ok):
+        return []
+    lines = ["Where the cases ran:", "", "| host | executor | cases |", "|---|---|---|"]
+    lines += [f"| {cell(h)} | {cell(e)} | {n} |" for (h, e), n in sorted(places.items())]
+    return lines + [""]
 
 
 def _flop_count(result: dict | None) -> str:

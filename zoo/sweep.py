@@ -138,12 +138,51 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+CLUSTERS = ("local", "slurm", "debug")
+
+
+class SubmititRunner:
+    """Cases as jobs of submitit (SLURM, or its local executor on this machine, or ``debug`` in
+    this process): the job runs :func:`run_isolated`, so a case still gets a fresh interpreter of
+    its own on the node; the sweep here waits on the jobs and writes the rows, so resume, the
+    newest-row rule and ``zoo report`` work unchanged. ``parameters`` go to
+    ``AutoExecutor.update_parameters`` (``slurm_partition``, ``gpus_per_node``, ...)."""
+
+    def __init__(self, cluster: str, folder: Path, parameters: dict | None = None, timeout: int = 600):
+        if cluster not in CLUSTERS:
+            from zoo.errors import unknown
+
+            raise unknown("submitit cluster", cluster, CLUSTERS)
+        try:
+            import submitit
+        except ImportError:
+            raise ZooConfigError("--submitit needs the submitit package: pip install 'zoo[cluster]'") from None
+        self.cluster = cluster
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        # the job may run past the case's own timeout by its start-up; run_isolated enforces the case's
+        self.executor.update_parameters(timeout_min=max(1, -(-timeout // 60) + 5), name="zoo-bench",
+                                        **(parameters or {}))
+
+    def __call__(self, case: dict, timeout: int) -> dict:
+        job = self.executor.submit(run_isolated, case, timeout)
+        where = {"executor": f"submitit-{self.cluster}", "job_id": str(job.job_id)}
+        try:
+            row = job.result()
+        except Exception as e:  # the job failed outside the case (scheduler, node): a row, not a crash
+            tail = str(e).strip().splitlines()[-8:]
+            row = {"key": case["key"], "case": case, "status": "error",
+                   "error": "submitit job failed: " + "\n".join(tail), "wall_s": 0.0}
+        return {**row, "ran_on": where}
+
+
 def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool = False, progress: bool = True,
-              command: str = "", jobs: int = 1, rerun: bool = False) -> Path:
+              command: str = "", jobs: int = 1, rerun: bool | str = False, runner=None) -> Path:
     """Run the suite's unfinished cases (every case with ``rerun``: the new rows win, the old stay
     in the file); ``jobs`` > 1 runs training cases that many at a time
     (each in its own process with cores // jobs threads unless the suite sets threads), while
-    timing cases (speed, decode) always run alone. Rows are appended as cases finish."""
+    timing cases (speed, decode) always run alone. Rows are appended as cases finish. ``runner``
+    (case, timeout) -> row runs each case (default :func:`run_isolated` here; a
+    :class:`SubmititRunner` sends them to a cluster)."""
     if jobs < 1:
         raise ZooConfigError(f"--jobs must be >= 1, got {jobs}")
     i, n = parse_shard(shard)
@@ -152,11 +191,12 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
     if results.exists() and not results.is_file():
         raise ZooConfigError(f"{results} is not a file; give --out a folder whose {results.name} is a results file")
     with SweepLock(results):
-        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs, rerun)
+        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs, rerun,
+                           runner or run_isolated)
 
 
 def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_failed: bool, progress: bool,
-                command: str, jobs: int, rerun: bool = False) -> Path:
+                command: str, jobs: int, rerun: bool | str, runner) -> Path:
     from zoo.suite import cases
 
     if results.is_file() and results.stat().st_size:
@@ -220,7 +260,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     training = [c for c in pending if c["kind"] not in ("speed", "decode")]
     for case in timing:  # alone on the machine: nothing else runs while they are timed
         run, error = start(case, 1)
-        record(case, error or finish(case, run, run_isolated(run, suite.timeout)))
+        record(case, error or finish(case, run, runner(run, suite.timeout)))
     if training:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -239,7 +279,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                     if error:
                         record(c, error)
                         continue
-                    running[pool.submit(run_isolated, run, suite.timeout)] = (c, run)
+                    running[pool.submit(runner, run, suite.timeout)] = (c, run)
                 if not running:
                     continue
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
