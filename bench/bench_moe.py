@@ -1,9 +1,11 @@
 """MoE FFN against Hugging Face's MixtralSparseMoeBlock and a dense FFN of one expert's size.
 
-8 experts, top-2, d_model 512, expert hidden 2048 (SwiGLU), 4096 tokens, fp32, forward+backward,
-side by side in alternating rounds.
+8 experts, top-2, d_model 512, expert hidden 2048 (SwiGLU), 4096 tokens (``--tokens``), fp32,
+forward+backward, side by side in alternating rounds. Top-2 does twice the dense FFN's work, so
+2.0 is the ratio to the dense FFN with no routing overhead at all.
 
     python bench/bench_moe.py                        # the table in docs/moe.md
+    python bench/bench_moe.py --tokens 256           # the fixed per-call cost
     pytest bench/bench_moe.py --benchmark-only       # pytest-benchmark timings
 """
 
@@ -18,9 +20,9 @@ from zoo.measure import bench_parser, compare_times, parse_bench_args, ratio, sa
 D, HIDDEN, E, K, TOKENS = 512, 2048, 8, 2, 4096
 
 
-def cases() -> dict:
+def cases(tokens: int = TOKENS) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(1, TOKENS, D, requires_grad=True)
+    x = torch.randn(1, tokens, D, requires_grad=True)
     ours = zoo.build_mixer("moe", D, n_experts=E, top_k=K, hidden=HIDDEN)
     dense = zoo.build_mixer("swiglu", D, hidden=HIDDEN)
     out = {"zoo moe": lambda: ours(x), "dense ffn (one expert)": lambda: dense(x)}
@@ -52,10 +54,11 @@ def test_moe_forward_backward(benchmark, name):
 
 def main() -> None:
     p = bench_parser(__doc__, rounds=7)
+    p.add_argument("--tokens", type=int, default=TOKENS)
     a = parse_bench_args(p)
-    print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, {TOKENS} tokens, "
+    print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, {a.tokens} tokens, "
           f"d {D}, hidden {HIDDEN}, {E} experts, top-{K}, forward+backward")
-    fns = cases()
+    fns = cases(a.tokens)
     t = compare_times({n: fwd_bwd(f) for n, f in fns.items()}, rounds=a.rounds, num_threads=a.threads)
     print("\n| candidate | ms | zoo moe / candidate | saved MB |")
     print("|---|---|---|---|")

@@ -164,10 +164,14 @@ class MoE(nn.Module):
             tokens, weights = tokens[keep_b], weights[keep_b]
             kept = counts.clamp(max=cap)
         xs = x2.index_select(0, tokens)  # (M, d), grouped by expert
+        # unbind once: indexing w_in[i] per expert made autograd zero-fill a whole (E, 2h, d)
+        # gradient for every expert and add them up (86 % of the layer's time at 256 tokens);
+        # unbind's backward stacks the experts' gradients into one
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
         outs = []
         for i, (xe, n) in enumerate(zip(xs.split(kept.tolist()), kept.tolist(), strict=True)):
             if n:
-                outs.append(self._expert(i, xe))
+                outs.append(self._expert(i, xe, (w_in[i], w_out[i])))
         ys = torch.cat(outs) * weights[:, None] if outs else xs[:0]
         y = torch.zeros_like(x2).index_add_(0, tokens, ys)
         self._account(logits, counts, kept, tokens, N)
@@ -205,14 +209,16 @@ class MoE(nn.Module):
             chosen = state["chosen"]
         return y[:, 0], {"chosen": chosen, "length": state["length"] + 1}
 
-    def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.w_in[i])
+    def _expert(self, i: int, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Expert i on x; ``weights``: its (w_in, w_out) when the caller has unbound them already."""
+        w_in, w_out = weights or (self.w_in[i], self.w_out[i])
+        h = F.linear(x, w_in)
         if self.expert == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return F.linear(h, self.w_out[i])
+        return F.linear(h, w_out)
 
     def _account(self, logits, counts, kept, tokens, N):
         aux = {}
