@@ -476,3 +476,34 @@ def test_submitit_errors_name_what_is_wrong(tmp_path):
         SubmititRunner("slrum", tmp_path)
     assert zoo_main(["bench", "default", "--submitit", "local", "--submitit-args", "[1, 2]",
                      "--out", str(tmp_path / "o")]) == 2
+
+
+def test_forked_cases_report_like_fresh_interpreters():
+    """The fork-server launcher (the default on Linux) gives the same kinds of rows as a new
+    interpreter per case: a result, an error row naming the problem, and a timeout that takes
+    the case's whole session down."""
+    import subprocess
+    import time
+
+    from zoo.sweep import forkserver_available, run_forked, run_isolated
+
+    if not forkserver_available():
+        pytest.skip("no fork server on this platform")
+    case = {"key": "speed/mlp/x", "kind": "speed", "mixer": "mlp", "d_model": 16, "args": {}, "length": 8,
+            "batch": 1, "mode": "forward", "dtype": "float32", "threads": 1}
+    forked, fresh = run_forked(case, 120), run_isolated(case, 120)
+    assert forked["status"] == fresh["status"] == "ok"
+    assert set(forked["result"]) == set(fresh["result"]) and forked["env"]["threads"] == 1
+    bad = run_forked({**case, "mixer": "nope"}, 120)
+    assert bad["status"] == "error" and "unknown mixer 'nope'" in bad["error"]
+    slow = {"key": "q", "kind": "quality", "mixer": "softmax", "task": "mqar", "threads": 1,
+            "task_args": {"vocab": 16, "seq_len": 16, "n_pairs": 2}, "model": {"d_model": 16, "n_layers": 1},
+            "train": {"max_steps": 100000, "val_every": 100000}}
+    row = run_forked(slow, 5)
+    assert row["status"] == "timeout" and row["error"] == "no result within 5 s"
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver._forkserver_pid
+    time.sleep(0.5)  # the server reaps its killed child
+    children = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout.split()
+    assert children == [], f"case processes left under the fork server: {children}"

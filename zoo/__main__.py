@@ -4,4 +4,5 @@ import sys
 
 from zoo.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a fork-server child imports the parent's main module
+    sys.exit(main())

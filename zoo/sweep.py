@@ -181,8 +181,8 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
     in the file); ``jobs`` > 1 runs training cases that many at a time
     (each in its own process with cores // jobs threads unless the suite sets threads), while
     timing cases (speed, decode) always run alone. Rows are appended as cases finish. ``runner``
-    (case, timeout) -> row runs each case (default :func:`run_isolated` here; a
-    :class:`SubmititRunner` sends them to a cluster)."""
+    (case, timeout) -> row runs each case (default :func:`run_forked` where the platform has a
+    fork server, else :func:`run_isolated`; a :class:`SubmititRunner` sends them to a cluster)."""
     if jobs < 1:
         raise ZooConfigError(f"--jobs must be >= 1, got {jobs}")
     i, n = parse_shard(shard)
@@ -191,8 +191,9 @@ def run_suite(suite, out_dir: Path, shard: str | None = None, retry_failed: bool
     if results.exists() and not results.is_file():
         raise ZooConfigError(f"{results} is not a file; give --out a folder whose {results.name} is a results file")
     with SweepLock(results):
-        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs, rerun,
-                           runner or run_isolated)
+        if runner is None:
+            runner = run_forked if forkserver_available() else run_isolated
+        return _run_locked(suite, out_dir, results, i, n, retry_failed, progress, command, jobs, rerun, runner)
 
 
 def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_failed: bool, progress: bool,
@@ -462,23 +463,114 @@ def resolve_best_lr(case: dict, rows: list[dict]) -> dict:
     return {**case, "train": {**case["train"], "lr": lr}}
 
 
-def main() -> None:  # the child side: python -m zoo.sweep CASE_JSON
+def child_row(case: dict) -> dict:
+    """What a case process reports: its row, or a diverged or error row (never raises)."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    case = json.loads(sys.argv[1])
     from zoo.errors import ZooDiverged
 
     try:
-        row = execute(case)
+        return execute(case)
     except ZooDiverged as e:  # a result, not a failure of the zoo: the row says so
-        print(json.dumps({"status": "diverged", "error": str(e), "result": {"steps": e.step}}))
-        return
+        return {"status": "diverged", "error": str(e), "result": {"steps": e.step}}
     except Exception as e:  # reported as a row by the parent
-        print(json.dumps({"status": "error", "error": f"{type(e).__name__}: {e}",
-                          "traceback": traceback.format_exc()[-2000:]}))
-        return
-    print(json.dumps(row))
+        return {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+
+
+def main() -> None:  # the child side: python -m zoo.sweep CASE_JSON
+    print(json.dumps(child_row(json.loads(sys.argv[1]))))
+
+
+# -- the fork server: a fresh process per case without paying the imports again -------------------
+PRELOAD = ["zoo.preload"]  # torch, Lightning, torchmetrics and the zoo, imported once by the server
+_forkserver_context = None
+
+
+def forkserver_available() -> bool:
+    import multiprocessing as mp
+
+    return sys.platform.startswith("linux") and "forkserver" in mp.get_all_start_methods()
+
+
+def _context():
+    global _forkserver_context
+    if _forkserver_context is None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        _forkserver_context = ctx
+    return _forkserver_context
+
+
+def _forked_case(case_json: str, conn, log_path: str) -> None:  # pragma: no cover (in the child)
+    """The case process, forked from the server: its own session (so a timeout kills everything
+    it starts), killed with the sweep's server, output to a log file (as the subprocess
+    launcher captures it); the row goes back through ``conn``."""
+    os.setsid()
+    _die_with_parent()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    row = child_row(json.loads(case_json))
+    conn.send(json.dumps(row))
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_forked(case: dict, timeout: int) -> dict:
+    """One case in a fresh process forked from a server that has already imported torch and the
+    zoo (``multiprocessing``'s forkserver): the same isolation as :func:`run_isolated` (own
+    process, own session killed whole on timeout, own peak memory: the case measures increases
+    over its own start) without the interpreter start-up and imports of every case."""
+    import signal
+    import tempfile
+
+    start = time.perf_counter()
+    base = {"key": case["key"], "case": case}
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    with tempfile.NamedTemporaryFile(prefix="zoo-case-", suffix=".log", delete=False) as log:
+        log_path = log.name
+    proc = ctx.Process(target=_forked_case, args=(json.dumps(case), send, log_path), daemon=False)
+    proc.start()
+    send.close()
+
+    def kill_group():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+
+    try:
+        text = recv.recv() if recv.poll(timeout) else None
+    except EOFError:  # the case died before it could answer
+        text = None
+    finally:
+        if text is None and proc.is_alive():  # timed out, or interrupted: take the case down
+            kill_group()
+        proc.join()
+        try:  # whatever the case left running in its session goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    wall = time.perf_counter() - start
+    try:
+        tail = Path(log_path).read_text(errors="replace").strip().splitlines()[-8:]
+    finally:
+        Path(log_path).unlink(missing_ok=True)
+    if text is None and proc.exitcode is not None and proc.exitcode < 0 and wall < timeout:
+        sig = -proc.exitcode
+        why = " (out of memory?)" if sig == 9 else ""
+        return {**base, "status": "killed", "error": f"killed by signal {sig}{why}", "wall_s": wall}
+    if text is None and wall >= timeout:
+        return {**base, "status": "timeout", "error": f"no result within {timeout} s", "wall_s": timeout}
+    if text is None:
+        return {**base, "status": "error", "error": "\n".join(tail) or f"exit code {proc.exitcode}", "wall_s": wall}
+    return {**base, **json.loads(text), "wall_s": wall}
 
 
 if __name__ == "__main__":
