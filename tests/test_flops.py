@@ -21,8 +21,8 @@ CASES = [
     ("window", {"causal": False, "window": 7, "dilation": 2, "global_every": 9}),
     ("bigbird", {"causal": True, "window": 8, "block": 4, "random_blocks": 2}),
     ("linear", {"causal": True, "chunk": 16}), ("linear", {"causal": False}),
-    ("retnet", {"chunk": 16}),
-    ("mlp", {}), ("swiglu", {}),
+    ("retnet", {"chunk": 16}), ("gla", {"chunk": 16}), ("linformer", {"causal": False, "max_len": 64}),
+    ("mlp", {}), ("swiglu", {}), ("moe", {"n_experts": 4, "top_k": 2}), ("moe", {"expert": "mlp", "top_k": 1}),
 ]
 
 
@@ -61,4 +61,4 @@ def test_a_mixer_without_a_formula_is_not_counted():
             return x
 
     assert flops(Mine(), 1, 8) is None
-    assert flops(zoo.build_mixer("gla", 64), 1, 8) is None  # no formula yet: never a wrong number
+    assert flops(zoo.build_mixer("s4d", 64), 1, 8) is None  # no formula yet: never a wrong number

@@ -177,6 +177,15 @@ class MoE(nn.Module):
         self._account(logits, counts, kept, tokens, N)
         return y.view(shape), after
 
+    def flops(self, batch: int, length: int) -> int | None:
+        """Forward FLOPs when dropless: the router and k expert FFNs per token. With a capacity
+        the count depends on what the routing drops: None (not counted)."""
+        if self.capacity_factor > 0:
+            return None
+        d, rows = self.w_in.shape[2], self.w_in.shape[1]
+        N = batch * length
+        return 2 * N * d * self.n_experts + 2 * N * self.top_k * (d * rows + self.hidden * d)
+
     def _causal_keep(self, e: torch.Tensor, shape, chosen, start: int):
         """Rule ``causal``: keep (N, k) bool and the per-sequence counts after these positions."""
         T = shape[-2] if len(shape) >= 3 else shape[0]

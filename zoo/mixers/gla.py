@@ -103,6 +103,20 @@ class GatedLinearAttention(MatrixStateAttention):
         cross = (q * torch.exp(b)) @ self.carry(added, whole)  # (B, H, n, c, dv)
         return (inner + cross).view(B, H, n * c, dv)[:, :, :T]
 
+    def flops(self, batch: int, length: int) -> int:
+        """The attention projections, the output gate and the low-rank forget gate, and the
+        chunkwise products per head (the length padded to whole chunks): the gated scores (the
+        triple product over the key dimension), their product with V, each chunk's K^T V, and Q
+        times the carried state."""
+        width = self.n_heads * self.head_dim
+        rank = self.gate_down.out_features
+        proj = 2 * batch * length * (self.d_model * width * 5 + self.d_model * rank + rank * width)
+        if length == 0:
+            return proj
+        c, d = min(self.chunk, length), self.head_dim
+        Tp = math.ceil(length / c) * c
+        return proj + 2 * batch * self.n_heads * Tp * (2 * c * d + 2 * d * d)
+
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v, log_alpha):
         return fla.call(fla.kernel("gla", "chunk_gla"), q, k, v, log_alpha).to(q.dtype)

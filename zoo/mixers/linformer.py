@@ -73,6 +73,11 @@ class LinformerAttention(AttentionMixer):
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, kp, vp, dropout_p=p)
 
+    def attend_flops(self, batch: int, length: int) -> int:
+        """Keys and values projected along the sequence to k rows (E^T K, F^T V), then attention
+        of the T queries over those k."""
+        return 4 * batch * self.n_heads * self.head_dim * self.k * length * 2
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, max_len={self.max_len}, k={self.k}, "
                 f"share_kv={self.share_kv}, share_heads={self.share_heads}")
