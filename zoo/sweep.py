@@ -504,12 +504,18 @@ def _context():
     return _forkserver_context
 
 
-def _forked_case(case_json: str, conn, log_path: str) -> None:  # pragma: no cover (in the child)
+def _forked_case(case_json: str, conn, log_path: str, where: dict) -> None:  # pragma: no cover (in the child)
     """The case process, forked from the server: its own session (so a timeout kills everything
     it starts), killed with the sweep's server, output to a log file (as the subprocess
-    launcher captures it); the row goes back through ``conn``."""
+    launcher captures it); the row goes back through ``conn``. It takes the sweep's environment,
+    working directory and import path as they are now (the server has those of its start: a
+    registry overlay or PYTHONPATH set since would otherwise be missed)."""
     os.setsid()
     _die_with_parent()
+    os.environ.clear()
+    os.environ.update(where["env"])
+    os.chdir(where["cwd"])
+    sys.path[:] = where["path"]
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -535,7 +541,8 @@ def run_forked(case: dict, timeout: int) -> dict:
     recv, send = ctx.Pipe(duplex=False)
     with tempfile.NamedTemporaryFile(prefix="zoo-case-", suffix=".log", delete=False) as log:
         log_path = log.name
-    proc = ctx.Process(target=_forked_case, args=(json.dumps(case), send, log_path), daemon=False)
+    where = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
+    proc = ctx.Process(target=_forked_case, args=(json.dumps(case), send, log_path, where), daemon=False)
     proc.start()
     send.close()
 
