@@ -494,6 +494,7 @@ def test_forked_cases_report_like_fresh_interpreters():
     forked, fresh = run_forked(case, 120), run_isolated(case, 120)
     assert forked["status"] == fresh["status"] == "ok"
     assert set(forked["result"]) == set(fresh["result"]) and forked["env"]["threads"] == 1
+    assert forked["env"]["launcher"] == "forkserver" and fresh["env"]["launcher"] == "subprocess"
     bad = run_forked({**case, "mixer": "nope"}, 120)
     assert bad["status"] == "error" and "unknown mixer 'nope'" in bad["error"]
     slow = {"key": "q", "kind": "quality", "mixer": "softmax", "task": "mqar", "threads": 1,

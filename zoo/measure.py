@@ -66,7 +66,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
     except (OSError, subprocess.SubprocessError):
         rev = ""
     env.update({"host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "allocator": _allocator,
+                "allocator": _allocator, "launcher": os.environ.get("ZOO_LAUNCHER", "subprocess"),
                 "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                 "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown"})
     return env

@@ -513,7 +513,7 @@ def _forked_case(case_json: str, conn, log_path: str, where: dict) -> None:  # p
     os.setsid()
     _die_with_parent()
     os.environ.clear()
-    os.environ.update(where["env"])
+    os.environ.update(where["env"], ZOO_LAUNCHER="forkserver")  # recorded in the row's env
     os.chdir(where["cwd"])
     sys.path[:] = where["path"]
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
