@@ -29,7 +29,8 @@ def zoo_side(N: int):
     torch.manual_seed(0)
     m = zoo.build_mixer("softmax", D, causal=True, n_heads=H, position="rope").eval()
     x = torch.randn(1, N + max(16, N // 4), D)
-    _, state = decode(m, x[:, :N])
+    with torch.no_grad():
+        _, state = decode(m, x[:, :N])
 
     def run(steps: torch.Tensor):
         s = copy.deepcopy(state)
@@ -51,7 +52,8 @@ def hf_side(N: int):
     cache = DynamicCache(config=cfg)
     pos = torch.arange(N)[None]
     mask = torch.full((N, N), float("-inf")).triu(1)[None, None]
-    attn(x[:, :N], position_embeddings=rope(x[:, :N], pos), attention_mask=mask, cache=cache)
+    with torch.no_grad():
+        attn(x[:, :N], position_embeddings=rope(x[:, :N], pos), attention_mask=mask, cache=cache)
 
     def run(steps: torch.Tensor):
         c = copy.deepcopy(cache)

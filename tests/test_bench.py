@@ -508,3 +508,17 @@ def test_forked_cases_report_like_fresh_interpreters():
     time.sleep(0.5)  # the server reaps its killed child
     children = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout.split()
     assert children == [], f"case processes left under the fork server: {children}"
+
+
+def test_peak_memory_is_the_cases_own_whatever_came_before():
+    """A transient 400 MB earlier in the process (freed back to the system) does not hide the
+    case's own peak: the high-water mark is reset to the current resident memory first."""
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from zoo import measure; x = torch.ones(100_000_000); del x; "
+            "print(json.dumps(measure.measure_speed({'mixer': 'softmax', 'd_model': 64, 'args': {}, 'length': 512, "
+            "'batch': 4, 'mode': 'forward_backward', 'dtype': 'float32'})['peak_bytes']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 1e6 < peak < 4e8, peak  # the case's attention scores and activations, not 0 and not the 400 MB
