@@ -61,6 +61,12 @@ def test_tiny_suite_end_to_end(tmp_path):
     speed = [r for r in rows if r["case"]["kind"] == "speed"]
     assert all(r["result"]["tokens_per_s"] > 0 and r["result"]["saved_bytes"] > 0 for r in speed)
     assert all(r["env"]["torch"] and r["env"]["threads"] >= 1 and r["result"]["dtype"] == "float32" for r in speed)
+    from zoo.sweep import forkserver_available
+
+    # --launcher auto: timing cases in a new interpreter, training cases forked from the server
+    launchers = {r["case"]["kind"]: r["env"]["launcher"] for r in rows}
+    assert launchers["speed"] == launchers["decode"] == "subprocess"
+    assert launchers["quality"] == ("forkserver" if forkserver_available() else "subprocess")
     report = (tmp_path / "out" / "report.md").read_text()
     for section in ("## Environment", "## Quality", "### mqar", "## Speed and memory", "time slope",
                     "crossover vs softmax", "bytes saved for backward", "## Decoding", f"zoo bench {suite_file}"):

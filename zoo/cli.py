@@ -135,10 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ZooConfigError(f"--submitit-args must be a mapping, e.g. '{{slurm_partition: gpu}}'; got "
                                  f"{args.submitit_args!r}")
         runner = SubmititRunner(args.submitit, out / "submitit", params, suite.timeout)
-    elif args.launcher == "subprocess":
-        from zoo.sweep import run_isolated
+    elif args.launcher != "auto":
+        from zoo.sweep import run_forked, run_isolated
 
-        runner = run_isolated
+        runner = run_isolated if args.launcher == "subprocess" else run_forked
     results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, rerun=args.rerun,
                         progress=not args.no_progress, command=command, jobs=args.jobs, runner=runner)
     rows = collect([results])
@@ -250,9 +250,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=1,
                    help="training cases run this many at a time (timing cases always run alone)")
     s.add_argument("--timeout", type=int, default=0, help="seconds per case (default: the suite's)")
-    s.add_argument("--launcher", choices=["forkserver", "subprocess"], default="forkserver",
+    s.add_argument("--launcher", choices=["auto", "forkserver", "subprocess"], default="auto",
                    help="how each case gets its fresh process: forked from a server that imported torch and the "
-                        "zoo once (default, Linux), or a new interpreter (python -m zoo.sweep CASE)")
+                        "zoo once, or a new interpreter (python -m zoo.sweep CASE); auto (default): training "
+                        "cases forked (Linux), timing cases a new interpreter (their memory peaks stay comparable)")
     s.add_argument("--submitit", metavar="CLUSTER",
                    help="run the cases as submitit jobs: slurm (a cluster; results on a shared filesystem), "
                         "local (submitit's executor on this machine) or debug (in this process)")
