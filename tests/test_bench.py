@@ -528,3 +528,24 @@ def test_peak_memory_is_the_cases_own_whatever_came_before():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = json.loads(out.stdout.strip().splitlines()[-1])
     assert 1e6 < peak < 4e8, peak  # the case's attention scores and activations, not 0 and not the 400 MB
+
+
+def test_parallel_cases_get_a_gpu_each_on_a_multi_gpu_host(tmp_path, monkeypatch, capsys):
+    """Two GPUs and --jobs 3: two cases at a time, each with its own CUDA_VISIBLE_DEVICES (seen
+    by the case process itself), a GPU handed on when its case ends. (The GPU count is faked;
+    the cases run on this CPU.)"""
+    from zoo import sweep
+
+    monkeypatch.setattr(sweep, "_gpu_count", lambda: 2)
+    suite = load_suite(str(write(tmp_path, "s.yaml", """
+    quality:
+      mixers: [softmax, linear, mamba]
+      tasks: {mqar: {vocab: 16, seq_len: 16, n_pairs: 1, train_size: 64, test_size: 16}}
+      model: {d_model: 16, n_layers: 1}
+      train: {max_steps: 4, val_every: 4, batch_size: 8}
+    """)))
+    rows = read_rows(run_suite(suite, tmp_path / "out", progress=False, jobs=3))
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert all(r["visible_devices"] in ("0", "1") and r["env"]["cuda_visible_devices"] == r["visible_devices"]
+               for r in rows)
+    assert "--jobs 3 on 2 GPUs: 2 cases at a time" in capsys.readouterr().err

@@ -67,6 +67,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
         rev = ""
     env.update({"host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "allocator": _allocator, "launcher": os.environ.get("ZOO_LAUNCHER", "subprocess"),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                 "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown"})
     return env

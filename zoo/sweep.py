@@ -257,6 +257,8 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     def finish(case: dict, run: dict, row: dict) -> dict:
         row["case"] = case  # as the suite states it (resume compares this)
         row["threads"] = run["threads"]
+        if "visible_devices" in run:
+            row["visible_devices"] = run["visible_devices"]
         if case.get("kind") == "findings":
             row["lr"] = run["train"]["lr"]
         return row
@@ -277,6 +279,13 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             return any(o["key"].startswith(prefix) for o in waiting + [case for case, _ in running.values()])
 
         waiting, running = list(training), {}
+        # a multi-GPU host: each parallel case gets a GPU of its own (CUDA_VISIBLE_DEVICES), at
+        # most one case per GPU
+        gpus = _gpu_count() if jobs > 1 else 0
+        free = list(range(gpus))
+        if gpus > 1 and jobs > gpus:
+            print(f"--jobs {jobs} on {gpus} GPUs: {gpus} cases at a time, one GPU each", file=sys.stderr)
+            jobs = gpus
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the case processes
             while waiting or running:
                 for c in [c for c in waiting if not blocked(c)][: jobs - len(running)]:
@@ -285,16 +294,26 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                     if error:
                         record(c, error)
                         continue
+                    if gpus > 1:
+                        run["visible_devices"] = str(free.pop(0))
                     running[pool.submit(runner, run, suite.timeout)] = (c, run)
                 if not running:
                     continue
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for fut in finished_now:
                     c, run = running.pop(fut)
+                    if "visible_devices" in run:
+                        free.append(int(run["visible_devices"]))
                     record(c, finish(c, run, fut.result()))
     if bar is not None:
         bar.close()
     return results
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
@@ -384,6 +403,8 @@ def execute(case: dict) -> dict:
 
     from zoo import measure
 
+    if case.get("visible_devices") is not None:  # before anything touches CUDA: the case's own GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = case["visible_devices"]
     measure.set_allocator(case.get("allocator", "keep"))
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
