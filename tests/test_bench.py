@@ -549,3 +549,24 @@ def test_parallel_cases_get_a_gpu_each_on_a_multi_gpu_host(tmp_path, monkeypatch
     assert all(r["visible_devices"] in ("0", "1") and r["env"]["cuda_visible_devices"] == r["visible_devices"]
                for r in rows)
     assert "--jobs 3 on 2 GPUs: 2 cases at a time" in capsys.readouterr().err
+
+
+def test_two_jobs_give_the_same_rows_as_one_at_the_same_thread_count(tmp_path):
+    """--jobs 2 runs the cases two at a time and gets the same metrics, bit for bit, as --jobs 1
+    when each case has the same threads (a different thread count changes float reductions,
+    so the suite or --threads fixes it for comparisons)."""
+    text = """
+    threads: 1
+    quality:
+      mixers: [softmax, linear, mamba, retnet]
+      tasks: {mqar: {vocab: 16, seq_len: 16, n_pairs: 1, train_size: 64, test_size: 32}}
+      model: {d_model: 16, n_layers: 1}
+      train: {max_steps: 6, val_every: 3, batch_size: 8}
+    """
+    suite = load_suite(str(write(tmp_path, "s.yaml", text)))
+    one = {r["key"]: r for r in read_rows(run_suite(suite, tmp_path / "one", progress=False, jobs=1))}
+    two = {r["key"]: r for r in read_rows(run_suite(suite, tmp_path / "two", progress=False, jobs=2))}
+    assert set(one) == set(two) and len(one) == 4
+    for key in one:
+        assert one[key]["result"]["metrics"] == two[key]["result"]["metrics"], key
+        assert one[key]["result"]["loss_curve"] == two[key]["result"]["loss_curve"], key
