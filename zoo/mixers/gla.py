@@ -111,11 +111,7 @@ class GatedLinearAttention(MatrixStateAttention):
         width = self.n_heads * self.head_dim
         rank = self.gate_down.out_features
         proj = 2 * batch * length * (self.d_model * width * 5 + self.d_model * rank + rank * width)
-        if length == 0:
-            return proj
-        c, d = min(self.chunk, length), self.head_dim
-        Tp = math.ceil(length / c) * c
-        return proj + 2 * batch * self.n_heads * Tp * (2 * c * d + 2 * d * d)
+        return proj + self.chunkwise_flops(batch, length)
 
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v, log_alpha):

@@ -99,12 +99,7 @@ class RetNet(MatrixStateAttention):
         (the length padded to whole chunks): Q K^T and its product with V inside each chunk,
         each chunk's K^T V, and Q times the carried state."""
         width = self.n_heads * self.head_dim
-        proj = 2 * batch * length * self.d_model * width * 5
-        if length == 0:
-            return proj
-        c, d = min(self.chunk, length), self.head_dim
-        Tp = math.ceil(length / c) * c
-        return proj + 2 * batch * self.n_heads * Tp * (2 * c * d + 2 * d * d)
+        return 2 * batch * length * self.d_model * width * 5 + self.chunkwise_flops(batch, length)
 
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v):

@@ -155,6 +155,15 @@ class MatrixStateAttention(AttentionMixer):
     """Base of the linear-attention family that decodes with a d_k x d_v state per head
     (RetNet, GLA, DeltaNet): the state and the chunk-to-chunk carry their chunkwise forms share."""
 
+    def chunkwise_flops(self, batch: int, length: int) -> int:
+        """The chunkwise form's products per head (the length padded to whole chunks of
+        ``self.chunk``): the scores inside each chunk and their product with V, each chunk's
+        K^T V, and Q times the carried state."""
+        if length == 0:
+            return 0
+        c, d = min(self.chunk, length), self.head_dim
+        return 2 * batch * self.n_heads * math.ceil(length / c) * c * (2 * c * d + 2 * d * d)
+
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         w = self.qkv.weight
         shape = (batch, self.n_heads, self.head_dim, self.head_dim)
