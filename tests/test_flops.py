@@ -43,6 +43,14 @@ def test_mamba_formulas_add_what_the_counter_cannot_see(T):
     assert flops(m2, 2, T) == counted(m2, 2, T, 64) + 2 * 2 * T * m2.conv_dim * m2.d_conv
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("T", [1, 37, 64])
+def test_deltanet_formula_adds_the_triangular_solve(gated, T):
+    """The counter sees every product of the WY form but not ``solve_triangular``."""
+    m = zoo.build_mixer("deltanet", 64, gated=gated, n_heads=2, chunk=16)
+    assert flops(m, 2, T) == counted(m, 2, T, 64) + m.solve_flops(2, T)
+
+
 def test_attention_flops_grow_as_the_algorithm_says():
     """softmax above window at every length >= 1024 (the reference report's check), softmax
     quadratic, window linear once past its window."""

@@ -138,6 +138,29 @@ class DeltaNet(MatrixStateAttention):
             S = whole[:, :, j] * (S - kj.transpose(-2, -1) @ (W[:, :, j] @ S)) + kj.transpose(-2, -1) @ written[:, :, j]
         return torch.stack(outs, 2).view(B, H, n * c, dv)[:, :, :T]
 
+    def flops(self, batch: int, length: int) -> int:
+        """The projections (q, k, v, out, the output gate, beta, and alpha when gated) and the
+        WY chunkwise products per head and chunk: K K^T, W = T K, Q K^T, P = (Q K^T) T, P K,
+        (P * G) V and T V; per chunk the state's read and update (4 products of c x d x d); and
+        the unit-triangular solve for T (:meth:`solve_flops`)."""
+        width, H = self.n_heads * self.head_dim, self.n_heads
+        proj = 2 * batch * length * self.d_model * (width * 5 + H * (2 if self.gated else 1))
+        if length == 0:
+            return proj
+        c, d = min(self.chunk, length), self.head_dim
+        n = math.ceil(length / c)
+        core = 2 * batch * H * n * (6 * c * c * d + c * c * c + 4 * c * d * d)
+        return proj + core + self.solve_flops(batch, length)
+
+    def solve_flops(self, batch: int, length: int) -> int:
+        """The triangular solve's part of :meth:`flops` (FlopCounterMode does not count
+        ``solve_triangular``): per chunk, c right-hand sides through a unit lower-triangular c x c
+        system, c (c - 1) / 2 multiply-adds each."""
+        if length == 0:
+            return 0
+        c = min(self.chunk, length)
+        return batch * self.n_heads * math.ceil(length / c) * c * c * (c - 1)
+
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v, beta, log_alpha):
         if self.gated:
