@@ -75,6 +75,7 @@ class WindowAttention(AttentionMixer):
         self.reach = (window - 1) * dilation + 1
         self.block = block or min(self.reach, 128)  # 128: fastest at window 256 on the CPU
         self.random_blocks = random_blocks
+        self._flex_masks: dict = {}  # flex backend: block masks by (length, device, pattern seed)
         if random_blocks:
             self.register_buffer("pattern_seed", torch.randint(0, 2**31 - 1, ()))
             self._patterns: dict[tuple[int, int], torch.Tensor] = {}
@@ -244,9 +245,23 @@ class WindowAttention(AttentionMixer):
     # -- flex_attention: the same rule as one block-sparse kernel ---------------------------
     @implements("flex", op="attend", devices=("cuda",))
     def attend_flex(self, q, k, v):
+        T, dev = q.shape[-2], q.device
+        key = (T, str(dev), int(self.pattern_seed) if self.random_blocks else None)
+        if key not in self._flex_masks:  # built once per length and device (the rule does not change)
+            self._flex_masks[key] = self._flex_block_mask(T, dev)
+        mask = self._flex_masks[key]
+        score_mod = None
+        if self.uses_alibi:
+            slopes = self.alibi_slopes.to(q.dtype)
+
+            def score_mod(score, b, h, qi, ki):
+                return score - slopes[h] * (qi - ki).abs().to(score.dtype)
+
+        return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale)
+
+    def _flex_block_mask(self, T: int, dev):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        T, dev = q.shape[-2], q.device
         is_g = torch.zeros(T, dtype=torch.bool, device=dev)
         is_g[self.global_positions(T, dev)] = True
         n = math.ceil(T / self.block)
@@ -262,15 +277,7 @@ class WindowAttention(AttentionMixer):
             ok = ok | is_g[qi] | is_g[ki] | drawn[qi // block, ki // block]
             return ok & (d >= 0) if causal else ok
 
-        score_mod = None
-        if self.uses_alibi:
-            slopes = self.alibi_slopes.to(q.dtype)
-
-            def score_mod(score, b, h, qi, ki):
-                return score - slopes[h] * (qi - ki).abs().to(score.dtype)
-
-        mask = create_block_mask(mask_mod, None, None, T, T, device=dev)
-        return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale)
+        return create_block_mask(mask_mod, None, None, T, T, device=dev)
 
     # -- decoding: a rolling window of keys and values, plus the global ones ----------------
     def init_state(self, batch, device=None, dtype=None) -> dict:
