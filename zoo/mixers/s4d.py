@@ -123,6 +123,30 @@ class S4D(SequenceMixer):
         y = y + 2 * torch.einsum("bnhm,hmt->bnth", carried, read).real
         return y.reshape(B, n * c, H)[:, :T].to(u.dtype)
 
+    def flops(self, batch: int, length: int) -> int:
+        """The GLU output projection, the real Toeplitz product inside each chunk (the length
+        padded to whole chunks), and the complex products with the N/2 modes: the kernel K, what
+        each chunk puts into the state and how the next chunk reads it; a complex multiply-add
+        is 8 real FLOPs (FlopCounterMode counts it as 2: :meth:`complex_flops` is the rest)."""
+        H, c = self.d_model, min(self.chunk, max(length, 1))
+        proj = 2 * batch * length * H * 2 * H
+        if length == 0:
+            return proj
+        Tp = math.ceil(length / c) * c
+        return proj + 2 * batch * Tp * c * H + 4 * self.complex_macs(batch, length) * 2
+
+    def complex_macs(self, batch: int, length: int) -> int:
+        """Complex multiply-adds of the torch backend: K (H, M, c), into and read (B, Tp, H, M)."""
+        if length == 0:
+            return 0
+        H, M, c = self.d_model, self.d_state // 2, min(self.chunk, length)
+        Tp = math.ceil(length / c) * c
+        return H * M * c + 2 * batch * Tp * H * M
+
+    def complex_flops(self, batch: int, length: int) -> int:
+        """What :meth:`flops` adds to FlopCounterMode's count: 6 more FLOPs per complex multiply-add."""
+        return 6 * self.complex_macs(batch, length)
+
     # -- decoding ------------------------------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         dtype = dtype or self.out_proj.weight.dtype
