@@ -153,6 +153,18 @@ class LSHAttention(AttentionMixer):
         lse = lse.view(B, H, r, Tp).gather(3, undo)
         return self._combine(o, lse)[:, :, :T]
 
+    def flops(self, batch: int, length: int) -> int:
+        """The shared q/k projection, v and out; the hashing rotations (each round's n_buckets / 2
+        random directions); and per round the chunked attention, each chunk of c against its 2c
+        keys (scores and their product with V), the length padded to whole chunks."""
+        width, r = self.n_heads * self.head_dim, self.n_hashes
+        proj = 2 * batch * length * self.d_model * width * 3
+        if length == 0:
+            return proj
+        nb, c = self.buckets_for(length), min(self.bucket_size, length)
+        hashing = 2 * batch * self.n_heads * length * self.head_dim * r * (nb // 2) if nb > 1 else 0
+        return proj + hashing + 8 * batch * self.n_heads * r * math.ceil(length / c) * c * c * self.head_dim
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, "
                 f"n_buckets={self.n_buckets or 'auto'}, seed={self.seed}")
