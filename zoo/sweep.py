@@ -410,23 +410,23 @@ def execute(case: dict) -> dict:
         torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
     kind = case["kind"]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if kind in ("speed", "decode"):
+        load_before = _load()
         result = (measure.measure_speed if kind == "speed" else measure.measure_decode)(case)
-        cuda = torch.cuda.is_available()
         # flagged when this process got well under its threads' worth of CPU while timing
         use = result.get("utilisation")
-        result["contended"] = bool(not cuda and use is not None and use < measure.Utilisation.CONTENDED_BELOW)
-        result["load_before"] = load
-        result["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        result["contended"] = device == "cpu" and use is not None and use < measure.Utilisation.CONTENDED_BELOW
+        result.update(load_before=load_before, load_after=_load())
     elif kind in ("quality", "extrapolation", "findings"):
         result = _train_case(case)
     else:
         raise ZooConfigError(f"unknown case kind {kind!r}")
-    import torch as _t
+    return {"status": "ok", "result": result, "env": measure.environment(device)}
 
-    env = measure.environment("cuda" if _t.cuda.is_available() else "cpu")
-    return {"status": "ok", "result": result, "env": env}
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _train_case(case: dict) -> dict:

@@ -9,10 +9,16 @@ default to the head-first layout and newer ones dropped the ``head_first`` argum
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 
 import torch
+
+
+@functools.cache
+def _has_head_first(fn) -> bool:  # read once per kernel, not on every call
+    return "head_first" in inspect.signature(fn).parameters
 
 
 def kernel(module: str, name: str):
@@ -24,7 +30,7 @@ def call(fn, *args: torch.Tensor, **kwargs) -> torch.Tensor:
     """fn on (B, H, T, ...) tensors (per-head gates (B, H, T) too), in fla's (B, T, H, ...)
     layout; returns the output in (B, H, T, d_v)."""
     moved = [a.transpose(1, 2).contiguous() for a in args]
-    if "head_first" in inspect.signature(fn).parameters:
+    if _has_head_first(fn):
         kwargs["head_first"] = False
     out = fn(*moved, scale=1.0, **kwargs)
     o = out[0] if isinstance(out, tuple) else out
