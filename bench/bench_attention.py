@@ -5,9 +5,13 @@ fp32, batch 1, 8 heads, head dim 64, forward+backward, side by side in alternati
   lsh       (bucket 64, 4 rounds)    vs reformer-pytorch's LSHAttention
   linformer (k=256)                  vs linformer's LinformerSelfAttention (whole module)
   linear    (causal)                 vs linear-attention-transformer's causal_linear_attn
-then the log-log slope of time and of bytes saved for backward from N=1024 to 16384.
+then the log-log slope of time and of bytes saved for backward from N=1024 to 16384, and the
+whole modules (``--modules``): the zoo's window and lsh mixers with their registry defaults
+against the same peers inside the same q/k/v and output projections (the same weights), at
+windows 64..512 (lsh: buckets 64 and 128) and lengths 1024..16384.
 
     python bench/bench_attention.py                      # the tables in docs/efficient-attention.md
+    python bench/bench_attention.py --modules            # the whole-module table
     pytest bench/bench_attention.py --benchmark-only     # pytest-benchmark timings at N=4096
 """
 
@@ -128,13 +132,87 @@ def growth(lengths, rounds: int, threads: int) -> None:
         print(f"| {name} | {cells} | {loglog_slope(lengths, times):.3f} | {loglog_slope(lengths, mems):.3f} |")
 
 
+class Projected(torch.nn.Module):
+    """A peer's attention core inside the zoo mixer's own projections (the same weights), so
+    that whole modules compare: x -> qkv -> heads -> core -> merge -> out."""
+
+    def __init__(self, zoo_mixer, core, shared_qk: bool = False):
+        super().__init__()
+        self.m, self.core, self.shared_qk = zoo_mixer, core, shared_qk
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        m = self.m
+        if self.shared_qk:  # lsh: one q/k projection and v
+            qk, v = m.qkv(x).view(B, T, 2, m.n_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+            y = self.core(qk, qk, v)
+        else:
+            q, k, v = m.project(x)
+            y = self.core(q, k, v)
+        return m.merge(y)
+
+
+def module_cases(name: str, size: int, T: int) -> dict:
+    """Zero-argument forwards of the whole zoo module (registry defaults but the window or
+    bucket size) and of each peer core wrapped in its projections."""
+    x = torch.randn(1, T, D, requires_grad=True)
+    out = {}
+    if name == "window":
+        m = zoo.build_mixer("window", D, n_heads=H, causal=True, window=size)
+        out["zoo"] = lambda: m(x)
+        try:
+            from local_attention import LocalAttention
+            la = LocalAttention(window_size=size, causal=True, look_backward=1, autopad=True,
+                                use_rotary_pos_emb=False)
+            peer = Projected(m, la)
+            out["local-attention"] = lambda: peer(x)
+        except ImportError as e:
+            print(f"  (local-attention not installed: {e}; pip install '.[peers]')")
+        sdpa = Projected(m, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        out["causal SDPA"] = lambda: sdpa(x)
+    elif name == "lsh":
+        m = zoo.build_mixer("lsh", D, n_heads=H, causal=True, bucket_size=size)
+        out["zoo"] = lambda: m(x)
+        try:
+            from reformer_pytorch.reformer_pytorch import LSHAttention
+            lsh = LSHAttention(bucket_size=size, n_hashes=m.n_hashes, causal=True)
+
+            def core(qk, _, v):
+                B, Hh, T_, hd = qk.shape
+                return lsh(qk.reshape(B * Hh, T_, hd), v.reshape(B * Hh, T_, hd))[0].view(B, Hh, T_, hd)
+            peer = Projected(m, core, shared_qk=True)
+            out["reformer-pytorch"] = lambda: peer(x)
+        except ImportError as e:
+            print(f"  (reformer-pytorch not installed: {e}; pip install '.[peers]')")
+    return out
+
+
+def modules(lengths, rounds: int, threads: int) -> None:
+    print(f"\n### Whole modules (projections included; ratio = zoo / peer, median of {rounds} rounds)\n")
+    print("| mixer | size | N | peer | ratio time | zoo ms | peer ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, sizes in (("window", (64, 128, 256, 512)), ("lsh", (64, 128))):
+        for size in sizes:
+            for T in lengths:
+                cases = {k: fwd_bwd(f) for k, f in module_cases(name, size, T).items()}
+                t = compare_times(cases, rounds=rounds, num_threads=threads, min_run_time=0.2)
+                for p in (k for k in t if k != "zoo"):
+                    print(f"| {name} | {size} | {T} | {p} | {ratio(t, 'zoo', p):.3f} | "
+                          f"{t['zoo'].median * 1e3:.1f} | {t[p].median * 1e3:.1f} |", flush=True)
+
+
 def main() -> None:
     p = bench_parser(__doc__, rounds=5)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--growth", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--modules", type=int, nargs="*", default=None, metavar="N",
+                   help="only the whole-module table, at these lengths (default 1024 4096 16384)")
     a = parse_bench_args(p)
     print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, batch 1, {H} heads, head dim {HD}")
     torch.manual_seed(0)
+    if a.modules is not None:
+        modules(a.modules or [1024, 4096, 16384], max(1, a.rounds // 2), a.threads)
+        return
     side_by_side(a.length, a.rounds, a.threads)
     growth(a.growth, max(1, a.rounds // 2), a.threads)
 

@@ -43,6 +43,26 @@ def test_output_is_the_weighted_sum_of_the_chosen_experts():
     torch.testing.assert_close(w_raw, m.router(x).softmax(-1).topk(2).values)
 
 
+@pytest.mark.parametrize("expert", ["swiglu", "mlp"])
+def test_fused_expert_backward_equals_autograd(expert):
+    """The layer's in-place weight gradients against autograd through the per-expert
+    reference (_expert), an expert without tokens included (its gradient is exactly zero)."""
+    from zoo.channel.moe import _Experts
+
+    m = moe(n_experts=4, top_k=1, expert=expert).double()
+    xs = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
+    sizes = [4, 0, 2, 3]
+    g = torch.randn(9, D, dtype=torch.float64)
+    ys = _Experts.apply(xs, m.w_in, m.w_out, sizes, expert)
+    ref = torch.cat([m._expert(i, part) for i, part in enumerate(xs.split(sizes)) if part.shape[0]])
+    torch.testing.assert_close(ys, ref)
+    got = torch.autograd.grad(ys, (xs, m.w_in, m.w_out), g)
+    want = torch.autograd.grad(ref, (xs, m.w_in, m.w_out), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert got[1][1].abs().max() == 0 and got[2][1].abs().max() == 0
+
+
 def test_capacity_drops_by_priority_on_a_hand_built_routing():
     """4 tokens, 2 experts, top-1, capacity factor 1 -> 2 slots per expert.
     Tokens 0, 1, 2 choose expert 0 and token 3 expert 1: token 2 (last in line) is dropped."""

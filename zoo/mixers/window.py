@@ -73,8 +73,11 @@ class WindowAttention(AttentionMixer):
         self.window, self.dilation = window, dilation
         self.global_tokens, self.global_every = tuple(sorted(set(global_tokens))), global_every
         self.reach = (window - 1) * dilation + 1
-        self.block = block or min(self.reach, 128)  # 128: fastest at window 256 on the CPU
+        # default block: a quarter of the reach within 32..128, the fastest on the CPU at windows
+        # 64..512 (bench/bench_attention.py); never longer than the reach
+        self.block = block or min(self.reach, max(32, min(128, self.reach // 4)))
         self.random_blocks = random_blocks
+        self._strided_masks: dict = {}  # torch backend: the last length's mask
         self._flex_masks: dict = {}  # flex backend: block masks by (length, device, pattern seed)
         if random_blocks:
             self.register_buffer("pattern_seed", torch.randint(0, 2**31 - 1, ()))
@@ -150,16 +153,17 @@ class WindowAttention(AttentionMixer):
         return scores.softmax(-1) @ v
 
     def attend_flops(self, batch: int, length: int) -> int:
-        """The blocked backend's products: each query block against its window blocks, random
-        blocks and global keys, and the global queries against every key."""
+        """The blocked backend's products: each query block against its keys (window blocks;
+        without random blocks each of them prefixed with the global keys, with random blocks the
+        drawn blocks and the global keys once), and the global queries against every key."""
         if length == 0:
             return 0
         b = min(self.block, length)
         back, n = math.ceil((self.reach - 1) / b), math.ceil(length / b)
-        span = (back + 1 if self.causal else 2 * back + 1) * b
-        R = self.random_blocks * self.block if self.random_blocks else 0
+        nk = back + 1 if self.causal else 2 * back + 1
         G = self.global_positions(length, "cpu").numel()
-        return 4 * batch * self.n_heads * self.head_dim * (n * b * (span + R + G) + G * length)
+        K = nk * (b + G) if not self.random_blocks else nk * b + self.random_blocks * self.block + G
+        return 4 * batch * self.n_heads * self.head_dim * (n * b * K + G * length)
 
     # -- the blocked backend ----------------------------------------------------------------
     @implements("torch", op="attend")
@@ -174,6 +178,11 @@ class WindowAttention(AttentionMixer):
         glob = self.global_positions(T, q.device)
         G = glob.numel()
 
+        rpos = self.random_key_positions(n, q.device) if self.random_blocks else glob[:0].expand(n, 0)
+        R = rpos.shape[1]
+        if not R:
+            return self._attend_strided(q, k, v, n, b, back, span, glob)
+
         # Blocks become batch entries, (B*n, H, b, hd), so that SDPA runs its fused 4-d kernel.
         qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, hd).transpose(1, 2).reshape(B * n, H, b, hd)
         # Keys of query block i: key blocks i - back .. i (+ back when bidirectional). Pad the keys
@@ -186,8 +195,6 @@ class WindowAttention(AttentionMixer):
         vblocks = F.pad(v, padded).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
         kw = torch.cat([kblocks[:, i : i + n] for i in range(nk)], dim=3)  # (B, n, H, span, hd)
         vw = torch.cat([vblocks[:, i : i + n] for i in range(nk)], dim=3)
-        rpos = self.random_key_positions(n, q.device) if self.random_blocks else glob[:0].expand(n, 0)
-        R = rpos.shape[1]
         if R:  # BigBird: each query block's random key blocks, (B, n, H, span + R, hd)
             at = rpos.clamp(0, T - 1)  # -1 (none) and the padding past T: masked below
             kw = torch.cat((kw, k[:, :, at].permute(0, 2, 1, 3, 4)), 3)
@@ -207,15 +214,71 @@ class WindowAttention(AttentionMixer):
         mask = mask.expand(B, *mask.shape).reshape(B * n, *mask.shape[1:])
         y = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask)  # (B*n, H, b, hd)
         y = y.view(B, n, H, b, hd).transpose(1, 2).reshape(B, H, Tp, hd)[:, :, :T]
-        if G:  # global queries see everything (causal: everything before them)
-            kpos = torch.arange(T, device=q.device)
-            gmask = (kpos[None, :] <= glob[:, None]) if self.causal else None
-            if self.uses_alibi:
-                bias = alibi_bias(self.alibi_slopes, glob, kpos).to(q.dtype)
-                gmask = bias if gmask is None else bias.masked_fill(~gmask, float("-inf"))
-            yg = F.scaled_dot_product_attention(q[:, :, glob], k, v, attn_mask=gmask)
-            y = y.index_copy(2, glob, yg)
-        return y
+        return self._global_queries(q, k, v, y, glob) if G else y
+
+    def _attend_strided(self, q, k, v, n, b, back, span, glob):
+        """Window and global keys without copying the keys per query block. The padded keys
+        are cut into blocks and each block is prefixed with the G global keys (one copy of the
+        keys, G / b larger); query block i's keys are then one contiguous run of ``span // b``
+        such segments, so all of them are one overlapping strided view, and batch x heads is
+        SDPA's batch with the n blocks as its "heads" (the mask broadcasts over both). Only the
+        first segment's global columns count; the other segments' are masked."""
+        B, H, T, hd = q.shape
+        G, nk, Tp = glob.numel(), span // b, n * b
+        ahead = 0 if self.causal else back * b
+        seg = G + b
+        kb = F.pad(k, (0, 0, back * b, Tp - T + ahead)).view(B, H, n + nk - 1, b, hd)
+        vb = F.pad(v, (0, 0, back * b, Tp - T + ahead)).view(B, H, n + nk - 1, b, hd)
+        if G:
+            kb = torch.cat((k[:, :, None, glob].expand(B, H, n + nk - 1, G, hd), kb), 3)
+            vb = torch.cat((v[:, :, None, glob].expand(B, H, n + nk - 1, G, hd), vb), 3)
+        kw = _windows(kb.reshape(B * H, -1, hd), n, seg, nk * seg)  # (B*H, n, nk * seg, hd)
+        vw = _windows(vb.reshape(B * H, -1, hd), n, seg, nk * seg)
+        qb = F.pad(q, (0, 0, 0, Tp - T)).reshape(B * H, n, b, hd)
+        key = (T, b, str(q.device))
+        if key not in self._strided_masks:  # the rule depends only on the length
+            self._strided_masks = {key: self._segment_mask(T, n, b, back, nk, glob)}
+        mask, k_pos = self._strided_masks[key]  # (n, b, nk * seg) bool; (n, 1, nk * seg)
+        if self.uses_alibi:
+            q_pos = (torch.arange(n, device=q.device)[:, None, None] * b + torch.arange(b, device=q.device)[:, None])
+            bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(q.dtype)  # (H, n, b, nk * seg)
+            mask = bias.masked_fill(~mask, float("-inf")).expand(B, *bias.shape).reshape(B * H, *bias.shape[1:])
+        else:
+            mask = mask[None]  # 4-d: SDPA's fused CPU kernel takes no 3-d mask (it falls back to the math path)
+        y = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask)  # (B*H, n, b, hd)
+        y = y.view(B, H, Tp, hd)[:, :, :T]
+        return self._global_queries(q, k, v, y, glob) if G else y
+
+    def _segment_mask(self, T, n, b, back, nk, glob):
+        """The strided layout's mask (n, b, nk * (G + b)) and key positions (n, 1, nk * (G + b));
+        -1 marks a global column that does not count."""
+        dev, G = glob.device, glob.numel()
+        q_pos = torch.arange(n, device=dev)[:, None, None] * b + torch.arange(b, device=dev)[:, None]  # (n, b, 1)
+        win = (torch.arange(n, device=dev)[:, None, None] * b - back * b
+               + torch.arange(nk, device=dev)[:, None] * b + torch.arange(b, device=dev))  # (n, nk, b)
+        gcol = torch.full((n, nk, G), -1, dtype=torch.long, device=dev)
+        gcol[:, 0] = glob
+        k_pos = torch.cat((gcol, win), -1).view(n, 1, nk * (G + b))
+        is_g = torch.zeros(T + 1, dtype=torch.bool, device=dev)
+        is_g[glob] = True
+        is_gcol = torch.cat((torch.ones(nk, G, dtype=torch.bool, device=dev),
+                             torch.zeros(nk, b, dtype=torch.bool, device=dev)), -1).view(1, 1, -1)
+        real = (k_pos >= 0) & (k_pos < T)
+        ok_w = self.band(q_pos, k_pos) & real & ~is_g[k_pos.clamp(0, T)]
+        ok_w = ok_w | ((q_pos >= T) & (k_pos == q_pos))  # padded queries see themselves only
+        ok_g = (k_pos >= 0) & ((k_pos <= q_pos) if self.causal else True)
+        return torch.where(is_gcol, ok_g, ok_w), k_pos
+
+    def _global_queries(self, q, k, v, y, glob):
+        """Overwrite the rows of the global queries: they see every key (causal: every earlier one)."""
+        T = k.shape[-2]
+        kpos = torch.arange(T, device=q.device)
+        gmask = (kpos[None, :] <= glob[:, None]) if self.causal else None
+        if self.uses_alibi:
+            bias = alibi_bias(self.alibi_slopes, glob, kpos).to(q.dtype)
+            gmask = bias if gmask is None else bias.masked_fill(~gmask, float("-inf"))
+        yg = F.scaled_dot_product_attention(q[:, :, glob], k, v, attn_mask=gmask)
+        return y.index_copy(2, glob, yg)
 
     def _block_positions(self, n, b, back, span, glob, rpos):
         """Absolute positions of each block's queries (n, b, 1) and keys (n, 1, span + R + G):
@@ -336,6 +399,32 @@ class WindowAttention(AttentionMixer):
         return (f"{super().extra_repr()}, window={self.window}, dilation={self.dilation}, "
                 f"global_tokens={list(self.global_tokens)}, global_every={self.global_every}"
                 + (f", block={self.block}, random_blocks={self.random_blocks}" if self.random_blocks else ""))
+
+
+class _Windows(torch.autograd.Function):
+    """(N, L, d) -> (N, n, span, d): n windows of ``span`` rows starting every ``b`` rows, as one
+    overlapping strided view (no copy). Backward adds each window's gradient back in place:
+    ``span // b`` shifted adds, instead of the generic as_strided backward."""
+
+    @staticmethod
+    def forward(ctx, x, n: int, b: int, span: int):
+        ctx.shape, ctx.n, ctx.b, ctx.span = x.shape, n, b, span
+        x = x.contiguous()
+        N, L, d = x.shape
+        return x.as_strided((N, n, span, d), (L * d, b * d, d, 1), x.storage_offset())
+
+    @staticmethod
+    def backward(ctx, g):
+        N, L, d = ctx.shape
+        n, b, span = ctx.n, ctx.b, ctx.span
+        out = g.new_zeros(N, L, d)
+        for j in range(span // b):
+            out[:, j * b : j * b + n * b].view(N, n, b, d).add_(g[:, :, j * b : (j + 1) * b])
+        return out, None, None, None
+
+
+def _windows(x: torch.Tensor, n: int, b: int, span: int) -> torch.Tensor:
+    return _Windows.apply(x, n, b, span)
 
 
 @functools.cache
