@@ -20,12 +20,24 @@ from zoo.measure import bench_parser, compare_times, parse_bench_args, ratio, sa
 D, HIDDEN, E, K, TOKENS = 512, 2048, 8, 2, 4096
 
 
+def step(module, x):
+    """One training step's forward, as the harness runs it: the gradients of the last step are
+    gone (Lightning's ``zero_grad`` sets them to None), so backward writes fresh ones instead of
+    adding into old ones (which would time a read and a write of every weight gradient more)."""
+    def run():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        return module(x)
+    return run
+
+
 def cases(tokens: int = TOKENS) -> dict:
     torch.manual_seed(0)
     x = torch.randn(1, tokens, D, requires_grad=True)
     ours = zoo.build_mixer("moe", D, n_experts=E, top_k=K, hidden=HIDDEN)
     dense = zoo.build_mixer("swiglu", D, hidden=HIDDEN)
-    out = {"zoo moe": lambda: ours(x), "dense ffn (one expert)": lambda: dense(x)}
+    out = {"zoo moe": step(ours, x), "dense ffn (one expert)": step(dense, x)}
     try:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -35,7 +47,7 @@ def cases(tokens: int = TOKENS) -> dict:
             peer.gate.weight.copy_(ours.router.weight)
             peer.experts.gate_up_proj.copy_(ours.w_in)
             peer.experts.down_proj.copy_(ours.w_out)
-        out["MixtralSparseMoeBlock"] = lambda: peer(x)
+        out["MixtralSparseMoeBlock"] = step(peer, x)
     except ImportError as e:
         print(f"(transformers not installed: {e}; pip install '.[peers]')")
     return out

@@ -58,7 +58,7 @@ def test_fused_expert_backward_equals_autograd(expert):
     torch.testing.assert_close(ys, ref)
     got = torch.autograd.grad(ys, (xs, m.w_in, m.w_out), g)
     want = torch.autograd.grad(ref, (xs, m.w_in, m.w_out), g)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert got[1][1].abs().max() == 0 and got[2][1].abs().max() == 0
 

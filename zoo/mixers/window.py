@@ -153,11 +153,14 @@ class WindowAttention(AttentionMixer):
         return scores.softmax(-1) @ v
 
     def attend_flops(self, batch: int, length: int) -> int:
-        """The blocked backend's products: each query block against its keys (window blocks;
+        """The blocked backend's products (full attention's when the window covers the sequence):
+        each query block against its keys (window blocks;
         without random blocks each of them prefixed with the global keys, with random blocks the
         drawn blocks and the global keys once), and the global queries against every key."""
         if length == 0:
             return 0
+        if self.dilation == 1 and self.reach >= length:  # full attention (attend_torch)
+            return 4 * batch * self.n_heads * length * length * self.head_dim
         b = min(self.block, length)
         back, n = math.ceil((self.reach - 1) / b), math.ceil(length / b)
         nk = back + 1 if self.causal else 2 * back + 1
@@ -169,6 +172,10 @@ class WindowAttention(AttentionMixer):
     @implements("torch", op="attend")
     def attend_torch(self, q, k, v):
         B, H, T, hd = q.shape
+        if self.dilation == 1 and self.reach >= T:  # the window covers the sequence: full attention
+            if self.uses_alibi:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=self.score_bias(T, T, q.device, q.dtype))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         b = min(self.block, T)  # block length; a block never exceeds the sequence
         back = math.ceil((self.reach - 1) / b)  # key blocks of look-back (and look-ahead when bidirectional)
         n = math.ceil(T / b)  # query blocks
