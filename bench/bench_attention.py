@@ -191,7 +191,7 @@ def module_cases(name: str, size: int, T: int) -> dict:
     return out
 
 
-def modules(lengths, rounds: int, threads: int) -> None:
+def modules(lengths, rounds: int, threads: int, only: str | None = None) -> None:
     """Ratios of whole modules; "floor" is the projections' own time over the peer's: the
     ratio a zoo module with a free attention core would reach."""
     print(f"\n### Whole modules (projections included; ratio = zoo / peer, median of {rounds} rounds)\n")
@@ -199,6 +199,8 @@ def modules(lengths, rounds: int, threads: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, sizes in (("window", (64, 128, 256, 512)), ("lsh", (64, 128))):
         for size in sizes:
+            if only and only not in (name, f"{name}:{size}"):
+                continue
             for T in lengths:
                 cases = {k: fwd_bwd(f) for k, f in module_cases(name, size, T).items()}
                 t = compare_times(cases, rounds=rounds, num_threads=threads, min_run_time=0.2)
@@ -214,11 +216,13 @@ def main() -> None:
     p.add_argument("--growth", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--modules", type=int, nargs="*", default=None, metavar="N",
                    help="only the whole-module table, at these lengths (default 1024 4096 16384)")
+    p.add_argument("--only", default=None, metavar="MIXER[:SIZE]",
+                   help="with --modules: one mixer, or one mixer at one window / bucket size (e.g. lsh:128)")
     a = parse_bench_args(p)
     print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, batch 1, {H} heads, head dim {HD}")
     torch.manual_seed(0)
     if a.modules is not None:
-        modules(a.modules or [1024, 4096, 16384], max(1, a.rounds // 2), a.threads)
+        modules(a.modules or [1024, 4096, 16384], max(1, a.rounds // 2), a.threads, a.only)
         return
     side_by_side(a.length, a.rounds, a.threads)
     growth(a.growth, max(1, a.rounds // 2), a.threads)

@@ -71,11 +71,23 @@ def main() -> None:
     print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, {a.tokens} tokens, "
           f"d {D}, hidden {HIDDEN}, {E} experts, top-{K}, forward+backward")
     fns = cases(a.tokens)
-    t = compare_times({n: fwd_bwd(f) for n, f in fns.items()}, rounds=a.rounds, num_threads=a.threads)
+    # What every step must write beyond the dense FFN: E experts' weight gradients instead of
+    # one. Timed as a fill of that many bytes, beside the candidates.
+    grads = [torch.empty(E * HIDDEN * 2 * D), torch.empty(E * D * HIDDEN)]
+    one = [torch.empty(HIDDEN * 2 * D), torch.empty(D * HIDDEN)]
+    timed = {n: fwd_bwd(f) for n, f in fns.items()}
+    timed |= {"write E experts' weight gradients": lambda: [g.fill_(1.0) for g in grads],
+              "write one expert's": lambda: [g.fill_(1.0) for g in one]}
+    t = compare_times(timed, rounds=a.rounds, num_threads=a.threads)
     print("\n| candidate | ms | zoo moe / candidate | saved MB |")
     print("|---|---|---|---|")
     for n, f in fns.items():
         print(f"| {n} | {t[n].median * 1e3:.1f} | {ratio(t, 'zoo moe', n):.3f} | {saved_tensor_bytes(f) / 2**20:.1f} |")
+    extra = t["write E experts' weight gradients"].median - t["write one expert's"].median
+    floor = (K * t["dense ffn (one expert)"].median + extra) / t["dense ffn (one expert)"].median
+    print(f"\nWriting {E} experts' weight gradients instead of one takes {extra * 1e3:.1f} ms more; "
+          f"top-{K} work plus that write is {floor:.2f}x the dense FFN (the floor of the ratio without "
+          "fusing the experts' weight-gradient products).")
 
 
 if __name__ == "__main__":
