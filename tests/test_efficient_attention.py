@@ -202,13 +202,16 @@ def test_lsh_chunk_attention_gradcheck():
     k2, v2 = (torch.cat((t, t.flip(1)), 1).detach().requires_grad_() for t in (k, v))
     masked = torch.rand(3, 4, 8) < 0.3
     masked[..., 0] = False
-    is_self = torch.zeros(1, 4, 8, dtype=torch.bool)
-    is_self[0, 1, 1] = True
+    masked[:, 1, 1] = True  # a masked key on the self diagonal: the self score wins
 
     def f(q, k, v):
-        o, lse = _ChunkAttention.apply(q, k, v, masked, is_self)
+        o, lse = _ChunkAttention.apply(q, k, v, masked, (0,))
         return o, lse
     assert torch.autograd.gradcheck(f, (q, k2, v2))
+    # the self diagonal holds SELF_SCORE: a row whose other keys are all masked attends itself
+    only_self = torch.ones(3, 4, 8, dtype=torch.bool)
+    o, _ = _ChunkAttention.apply(q, k2, v2, only_self, (0,))
+    torch.testing.assert_close(o, v2[:, :4])
 
 
 def test_lsh_errors():

@@ -142,11 +142,13 @@ class LSHAttention(AttentionMixer):
         vv = v.reshape(-1, hd).index_select(0, (kpos + base).flatten())
         shape = (B * H * r * n, c, hd)
         qp, kp = spos.reshape(-1, c, 1), kpos.reshape(-1, 1, 2 * c)
-        masked = kp >= T
-        if self.causal:
-            masked = masked | (kp > qp)
+        # hidden: padding keys (>= T), and when causal later keys; one comparison either way
+        # (a padded query, qp >= T, still sees every real key: its row is dropped)
+        masked = kp > qp.clamp(max=T - 1) if self.causal else kp >= T  # (N, c, 2c) or (N, 1, 2c)
+        # a query's own key sits on the diagonal of its own chunk's block (and of the "previous"
+        # block too when that is the same chunk, n == 1)
         o, lse = _ChunkAttention.apply(sq.view(shape), kk.view(-1, 2 * c, hd), vv.view(-1, 2 * c, hd),
-                                       masked, qp == kp)
+                                       masked, (0, c) if n == 1 else (0,))
         # Undo the sort: position order[i] of round r holds sorted row i.
         undo = order.argsort(-1)
         o = o.view(B, H, r, Tp, hd).gather(3, undo[..., None].expand(-1, -1, -1, -1, hd))
@@ -173,17 +175,22 @@ class LSHAttention(AttentionMixer):
 class _ChunkAttention(torch.autograd.Function):
     """softmax attention of chunks that also returns the log-sum-exp, with a fused backward.
 
-    q (N, c, d), k and v (N, 2c, d); ``masked`` and ``is_self`` broadcast to (N, c, 2c).
-    Scores that are masked get -inf, a position's own score gets SELF_SCORE. Returns
+    q (N, c, d), k and v (N, 2c, d); ``masked`` broadcasts to (N, c, 2c); ``self_cols``: the
+    column offsets of the c x c blocks whose diagonal holds each query's own key. Scores that
+    are masked get -inf, a position's own score gets SELF_SCORE (written on those diagonals,
+    not through a second full mask). Returns
     o (N, c, d) and lse (N, c). The gradient flows through both (the rounds are weighted by
     their lse), and the backward works on the saved probabilities in place: on the CPU this
     runs at about half the time of the same computation left to autograd.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, masked, is_self):
+    def forward(ctx, q, k, v, masked, self_cols):
         s = torch.bmm(q, k.transpose(1, 2))  # (N, c, 2c)
-        s.masked_fill_(masked, float("-inf")).masked_fill_(is_self, SELF_SCORE)
+        s.masked_fill_(masked, float("-inf"))
+        c = s.shape[1]
+        for off in self_cols:
+            s[:, :, off : off + c].diagonal(dim1=1, dim2=2).fill_(SELF_SCORE)
         # softmax is one fused pass; its lse follows from the row maximum: p_max = exp(s_max - lse)
         s_max = s.amax(-1, keepdim=True)
         p = torch.softmax(s, -1)
