@@ -153,3 +153,15 @@ def test_findings_suite_errors(tmp_path):
     with pytest.raises(zoo.ZooConfigError, match=r"findings needs settings, lrs and seeds"):
         load_suite(str(p))
     assert len(cases(load_suite("findings"))) > 0
+
+
+def test_report_of_a_partial_run_says_no_seed_runs_finished():
+    """A findings run stopped after its tuning runs (the resumable full suite, committed part
+    way) must not read as if it had a seed list: the report says none finished."""
+    from zoo.report import _findings_section
+
+    tune_only = [row("s", "m", lr, 0, 0.5) for lr in (1e-3, 3e-3)]
+    text = "\n".join(_findings_section(tune_only, None))
+    assert "rerun on init seeds (none finished yet" in text
+    both = tune_only + [row("s", "m", 1e-3, 1, 0.6, chosen=1e-3)]
+    assert "rerun on init seeds [1]" in "\n".join(_findings_section(both, None))

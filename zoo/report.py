@@ -225,7 +225,8 @@ def _findings_section(rows, out_dir):
     train = {k: v for k, v in c0["train"].items() if k not in ("lr", "seed", "data_seed")}
     lines = ["## Findings", "",
              f"Protocol (zoo/findings.py): per mixer and setting, a learning-rate grid {lrs} on init seed {seeds[0]}, "
-             f"chosen on validation accuracy; the chosen rate rerun on init seeds {seeds[1:]}; data seed "
+             f"chosen on validation accuracy; the chosen rate rerun on init seeds "
+             f"{seeds[1:] if seeds[1:] else '(none finished yet: these results are the tuning runs alone)'}; data seed "
              f"{c0['train'].get('data_seed')} for every run (same validation and test sets, fresh training batches). "
              f"Test accuracy: mean, standard deviation and 95 % interval (Student t) over the seeds. Budget: "
              f"{_kv(train)}; model: {_kv(c0.get('model', {}))}. Flags count runs: converged = reached the "
