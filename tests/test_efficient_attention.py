@@ -70,10 +70,14 @@ def test_window_mask_rule_by_hand():
     assert torch.equal(bidir.dense_mask(6, "cpu"), expected)
 
 
-def test_window_decode_state_is_constant():
-    m = zoo.build_mixer("window", D, n_heads=H, causal=True, window=4, global_tokens=[0, 2]).double().eval()
-    x = torch.randn(1, 30, D, dtype=torch.float64)
-    size = zoo.state_nbytes(m.init_state(1))
+@pytest.mark.parametrize("glob,position", [([0, 2], "none"), ([], "none"), ([3], "rope"), ([0, 2], "alibi")])
+def test_window_decode_state_is_constant(glob, position):
+    """Decoding equals the forward at every position: while the ring fills, and in the steady
+    state (past the window and the last global position) where the step skips its mask."""
+    m = zoo.build_mixer("window", D, n_heads=H, causal=True, window=4, global_tokens=glob,
+                        position=position).double().eval()
+    x = torch.randn(2, 30, D, dtype=torch.float64)
+    size = zoo.state_nbytes(m.init_state(2))
     ys, state = zoo.decode(m, x)
     torch.testing.assert_close(ys, m(x))
     assert zoo.state_nbytes(state) == size

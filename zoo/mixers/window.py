@@ -381,12 +381,25 @@ class WindowAttention(AttentionMixer):
         state = claim_buffers(state, ("k", "v", "gk", "gv"))
         q, k, v = self.project(x_t[:, None], start=n)  # (B, H, 1, hd)
         dev = q.device
-        gpos = torch.tensor(self.global_tokens, dtype=torch.long, device=dev)
         slot = n % self.reach
         state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
         if n in self.global_tokens:
             g = self.global_tokens.index(n)
             state["gk"][:, :, g], state["gv"][:, :, g] = k[:, :, 0], v[:, :, 0]
+        if n >= self.reach + max(self.global_tokens, default=0) and self.dilation == 1 and not self.uses_alibi:
+            # steady state: the ring holds exactly the last `reach` positions, all in the band and
+            # all after the last global position, and every global key is past: every cached key
+            # counts once, no mask to build
+            K, V = state["k"], state["v"]
+            scores = (q @ K.transpose(-2, -1)) * self.scale  # (B, H, 1, reach)
+            if self.global_tokens:
+                scores = torch.cat((scores, (q @ state["gk"].transpose(-2, -1)) * self.scale), -1)
+                p = scores.softmax(-1)
+                y = p[..., : self.reach] @ V + p[..., self.reach :] @ state["gv"]
+            else:
+                y = scores.softmax(-1) @ V
+            return self.merge(y)[:, 0], {**state, "length": n + 1}
+        gpos = torch.tensor(self.global_tokens, dtype=torch.long, device=dev)
         slots = torch.arange(self.reach, device=dev)
         pos = n - ((slot - slots) % self.reach)  # absolute position in each slot (< 0: empty)
         ok_ring = (pos >= 0) & ~torch.isin(pos, gpos)  # global keys come from their own buffer
