@@ -570,3 +570,18 @@ def test_two_jobs_give_the_same_rows_as_one_at_the_same_thread_count(tmp_path):
     for key in one:
         assert one[key]["result"]["metrics"] == two[key]["result"]["metrics"], key
         assert one[key]["result"]["loss_curve"] == two[key]["result"]["loss_curve"], key
+
+
+def test_report_names_every_command_behind_its_rows(tmp_path):
+    """A results folder filled by a run and a later --rerun of some cases: the report says both,
+    with how many cases each produced, not only the last."""
+    def row(key, command):
+        return {"key": key, "status": "ok", "command": command, "env": {"torch": "x"},
+                "case": {"kind": "decode", "mixer": "x", "context": 1},
+                "result": {"seconds_per_token": 1e-4, "state_bytes": 8}}
+    rows = [row("decode/x/T=1", "zoo bench decode"), row("decode/x/T=2", "zoo bench decode"),
+            row("decode/y/T=1", "zoo bench decode --rerun 'decode/y/*'")]
+    report = write_report(rows, tmp_path).read_text()
+    assert "zoo bench decode   # 2 cases" in report and "--rerun 'decode/y/*'   # 1 case" in report
+    one = write_report(rows[:2], tmp_path / "one").read_text()
+    assert "Produced by:" in one and "# 2 cases" not in one

@@ -115,9 +115,17 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
     ok = [r for r in rows if r.get("status") == "ok"]
     suites = sorted({r.get("suite", "?") for r in rows})
     lines += [f"# zoo bench report: {', '.join(suites)}", ""]
-    cmd = command or next((r.get("command") for r in rows if r.get("command")), "")
-    if cmd:
-        lines += ["Produced by:", "", *fence(str(cmd)), ""]
+    made: dict[str, int] = {}  # the command behind each row (a rerun of some cases adds one)
+    for r in rows:
+        if r.get("command"):
+            made[str(r["command"])] = made.get(str(r["command"]), 0) + 1
+    if not made and command:
+        made = {command: len(rows)}
+    if len(made) == 1:
+        lines += ["Produced by:", "", *fence(next(iter(made))), ""]
+    elif made:
+        lines += ["Produced by (in the order they ran; the cases each produced):", "",
+                  *fence("\n".join(f"{c}   # {n} case{'s' if n != 1 else ''}" for c, n in made.items())), ""]
     if ok:
         env = ok[0]["env"]
         lines += ["## Environment", "", "| | |", "|---|---|"]
