@@ -132,10 +132,12 @@ class DeltaNet(MatrixStateAttention):
         written = Tm @ (to_end * v)  # (B, H, n, c, dv)
         whole = torch.exp(b[..., -1])[..., None, None]  # (B, H, n, 1, 1)
         S, outs = q.new_zeros(B, H, dk, dv), []
-        for j in range(n):  # the state before chunk j: earlier chunks only
-            outs.append(read[:, :, j] @ S + local[:, :, j])
-            kj = k[:, :, j]
-            S = whole[:, :, j] * (S - kj.transpose(-2, -1) @ (W[:, :, j] @ S)) + kj.transpose(-2, -1) @ written[:, :, j]
+        # per chunk through unbind (one stacked gradient each), not x[:, :, j]: indexing in the
+        # loop made autograd build a zero gradient of the whole tensor per chunk (quadratic in n)
+        per_chunk = (t.unbind(2) for t in (read, local, k, W, written, whole))
+        for rj, lj, kj, Wj, wj, hj in zip(*per_chunk, strict=True):  # the state before chunk j: earlier chunks only
+            outs.append(rj @ S + lj)
+            S = hj * (S - kj.transpose(-2, -1) @ (Wj @ S)) + kj.transpose(-2, -1) @ wj
         return torch.stack(outs, 2).view(B, H, n * c, dv)[:, :, :T]
 
     def flops(self, batch: int, length: int) -> int:

@@ -36,7 +36,7 @@ class GatedLinearAttention(MatrixStateAttention):
     AUTO_ORDER = ("fla", "torch")
     IN_ATTENTION = ()  # no scores to bias; the gates carry position
 
-    def __init__(self, d_model: int, *, causal: bool = True, chunk: int = 32, gate_rank: int = 16,
+    def __init__(self, d_model: int, *, causal: bool = True, chunk: int = 8, gate_rank: int = 16,
                  gate_temperature: float = 16.0, **attention):
         if not causal:
             raise ZooConfigError("gla is causal only: its gates decay the past. Use causal=True.")

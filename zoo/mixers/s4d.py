@@ -116,9 +116,10 @@ class S4D(SequenceMixer):
         read = C[..., None] * powers[..., 1:]  # (H, M, c): C' dA^(t+1)
         h = torch.zeros(B, H, C.shape[1], dtype=C.dtype, device=u.device)
         carried = []
-        for k in range(n):  # state before chunk k: the earlier chunks only
-            carried.append(h)
-            h = powers[..., c] * h + into[:, k]
+        step = powers[..., c]
+        for into_k in into.unbind(1):  # state before chunk k: the earlier chunks only (unbind: one
+            carried.append(h)         # stacked gradient, not a whole-tensor zero per chunk)
+            h = step * h + into_k
         carried = torch.stack(carried, 1)  # (B, n, H, M)
         y = y + 2 * torch.einsum("bnhm,hmt->bnth", carried, read).real
         return y.reshape(B, n * c, H)[:, :T].to(u.dtype)

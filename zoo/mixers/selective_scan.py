@@ -64,8 +64,10 @@ def chunked_scan(u, delta_raw, A, B, C, D_skip, z, delta_bias, chunk: int = 64):
     delta = F.softplus(delta_raw + delta_bias)
     h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
     ys = []
-    for s in range(0, u.shape[1], chunk):
-        part = (u[:, s : s + chunk], delta[:, s : s + chunk], A, B[:, s : s + chunk], C[:, s : s + chunk])
+    # split once (its backward joins the chunks' gradients once; slicing per chunk in the loop
+    # made autograd build a zero gradient of the whole sequence for every chunk)
+    for uc, dc, Bc, Cc in zip(*(t.split(chunk, 1) for t in (u, delta, B, C)), strict=True):
+        part = (uc, dc, A, Bc, Cc)
         if torch.is_grad_enabled():
             y, h = checkpoint(_chunk, h, *part, use_reentrant=False)
         else:

@@ -174,8 +174,11 @@ class MatrixStateAttention(AttentionMixer):
         """The state before each chunk from what each chunk adds, ``added`` (B, H, n, d_k, d_v), and
         how each chunk decays the state it receives, ``decay`` (B or 1, H, n, d_k or 1, 1):
         S_0 = 0, S_(j+1) = decay_j * S_j + added_j. Chunk j's state holds earlier chunks only."""
+        # unbind once: indexing added[:, :, j] in the loop made autograd build a zero gradient of
+        # the whole (B, H, n, ...) tensor for every chunk and add them up (quadratic in the number
+        # of chunks); unbind's backward stacks the chunks' gradients once
         S, states = torch.zeros_like(added[:, :, 0]), []
-        for j in range(added.shape[2]):
+        for a, g in zip(added.unbind(2), decay.unbind(2), strict=True):
             states.append(S)
-            S = decay[:, :, j] * S + added[:, :, j]
+            S = g * S + a
         return torch.stack(states, 2)
