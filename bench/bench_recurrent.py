@@ -8,6 +8,7 @@ d_model 256, batch 1, fp32, each mixer with its registry defaults; every length 
 side with softmax in alternating rounds.
 
     python bench/bench_recurrent.py --keep-freed-memory      # the tables in docs/recurrent.md
+    python bench/bench_recurrent.py --keep-freed-memory --mixers gla --chunks 8 16 32 --growth 1024 16384
     pytest bench/bench_recurrent.py --benchmark-only           # pytest-benchmark timings
 """
 
@@ -67,14 +68,32 @@ def crossover(lengths: list[int], ours: list[float], softmax: list[float]) -> st
     return f"> {lengths[-1]}"
 
 
+def chunk_sizes(a) -> None:
+    """Forward+backward ms of each mixer at each chunk size, the sizes timed side by side."""
+    print("\n| mixer | L | " + " | ".join(f"chunk {c}" for c in a.chunks) + " |")
+    print("|---|---|" + "---|" * len(a.chunks))
+    for name in a.mixers:
+        for L in a.growth:
+            torch.manual_seed(0)
+            x = torch.randn(1, L, D, requires_grad=True)
+            cases = {f"chunk {c}": fwd_bwd(zoo.build_mixer(name, D, chunk=c), x) for c in a.chunks}
+            t = compare_times(cases, rounds=a.rounds, num_threads=a.threads, min_run_time=0.2, warmup=1)
+            print(f"| {name} | {L} | " + " | ".join(f"{t[f'chunk {c}'].median * 1e3:.1f}" for c in a.chunks) + " |", flush=True)
+
+
 def main() -> None:
     p = bench_parser(__doc__, rounds=3)
     p.add_argument("--growth", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--mixers", nargs="+", default=MIXERS)
     p.add_argument("--peer-length", type=int, default=4096)
+    p.add_argument("--chunks", nargs="+", type=int, default=None, metavar="C",
+                   help="only compare these chunk sizes of --mixers (side by side) at the --growth lengths")
     a = parse_bench_args(p)
     print(f"torch {torch.__version__}, {a.allocator}, {a.threads} threads, fp32, batch 1, d_model {D}, "
           f"registry defaults")
+    if a.chunks:
+        chunk_sizes(a)
+        return
     times: dict[str, list[float]] = {n: [] for n in ["softmax", *a.mixers]}
     for L in a.growth:
         for name in a.mixers:
