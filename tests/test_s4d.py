@@ -64,3 +64,21 @@ def test_bad_sizes_are_named():
         S4D(8, d_state=3)
     with pytest.raises(zoo.ZooConfigError, match="causal only"):
         S4D(8, causal=False)
+
+
+def test_decoding_keeps_its_coefficients_until_a_parameter_changes():
+    """Without autograd the step reuses exp(dt A) and C'; an in-place parameter update (as an
+    optimiser step or load_state_dict makes) is seen at the next step, and with autograd the
+    step still sends gradients to the parameters."""
+    m = zoo.build_mixer("s4d", 16, d_state=8, chunk=4).double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ys, _ = zoo.decode(m, x)
+        torch.testing.assert_close(ys, m(x))
+        m.log_dt.add_(0.5)  # in place, as an optimiser step
+        ys2, _ = zoo.decode(m, x)
+        torch.testing.assert_close(ys2, m(x))
+        assert not torch.allclose(ys, ys2)
+    y, _ = m.step(x[:, 0], m.init_state(2))
+    y.sum().backward()
+    assert m.log_dt.grad is not None and m.log_dt.grad.abs().sum() > 0

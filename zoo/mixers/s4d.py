@@ -67,6 +67,21 @@ class S4D(SequenceMixer):
         C = torch.view_as_complex(self.C.to(real).contiguous())
         return dtA, C * torch.expm1(dtA) / A
 
+    def step_coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """exp(dt A) and C' for one decoding step. Without autograd (decoding for inference) they
+        are computed once and kept until a parameter changes (its version counter moves: an
+        optimiser step, load_state_dict) or the dtype or device does; with autograd, every call
+        builds them afresh so that gradients reach the parameters."""
+        if torch.is_grad_enabled():
+            dtA, C = self.discrete(dtype)
+            return torch.exp(dtA), C
+        params = (self.log_A_real, self.A_imag, self.log_dt, self.C)
+        key = (dtype, self.C.device, *(id(p) for p in params), *(p._version for p in params))
+        if getattr(self, "_step_cache", (None,))[0] != key:
+            dtA, C = self.discrete(dtype)
+            self._step_cache = (key, torch.exp(dtA), C)
+        return self._step_cache[1], self._step_cache[2]
+
     @staticmethod
     def powers(dtA: torch.Tensor, length: int) -> torch.Tensor:
         """dA^l = exp(l dt A) for l = 0 .. length - 1: (H, N/2, length)."""
@@ -157,8 +172,8 @@ class S4D(SequenceMixer):
 
     def step(self, u_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """u_t (B, d_model) -> (B, d_model); a new state (the one given is not changed)."""
-        dtA, C = self.discrete(u_t.dtype)
-        h = torch.exp(dtA) * state["h"] + u_t[..., None]
+        dA, C = self.step_coefficients(u_t.dtype)
+        h = dA * state["h"] + u_t[..., None]
         return self.finish(u_t, 2 * (h * C).sum(-1).real), {"h": h}
 
     def extra_repr(self) -> str:
