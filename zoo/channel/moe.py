@@ -224,13 +224,7 @@ class MoE(nn.Module):
     def _expert(self, i: int, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Expert i on x; ``weights``: its (w_in, w_out) when the caller has unbound them already."""
         w_in, w_out = weights or (self.w_in[i], self.w_out[i])
-        h = F.linear(x, w_in)
-        if self.expert == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return F.linear(h, w_out)
+        return F.linear(_Experts.act(F.linear(x, w_in), self.expert), w_out)
 
     def _account(self, logits, counts, kept, tokens, N):
         aux = {}

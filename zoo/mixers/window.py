@@ -202,10 +202,10 @@ class WindowAttention(AttentionMixer):
         vblocks = F.pad(v, padded).view(B, H, n + nk - 1, b, hd).transpose(1, 2)
         kw = torch.cat([kblocks[:, i : i + n] for i in range(nk)], dim=3)  # (B, n, H, span, hd)
         vw = torch.cat([vblocks[:, i : i + n] for i in range(nk)], dim=3)
-        if R:  # BigBird: each query block's random key blocks, (B, n, H, span + R, hd)
-            at = rpos.clamp(0, T - 1)  # -1 (none) and the padding past T: masked below
-            kw = torch.cat((kw, k[:, :, at].permute(0, 2, 1, 3, 4)), 3)
-            vw = torch.cat((vw, v[:, :, at].permute(0, 2, 1, 3, 4)), 3)
+        # BigBird (the only case left here): each query block's random key blocks, (B, n, H, span + R, hd)
+        at = rpos.clamp(0, T - 1)  # -1 (none) and the padding past T: masked below
+        kw = torch.cat((kw, k[:, :, at].permute(0, 2, 1, 3, 4)), 3)
+        vw = torch.cat((vw, v[:, :, at].permute(0, 2, 1, 3, 4)), 3)
         if G:  # every query block also sees the global keys: (B, n, H, span + R + G, hd)
             kw = torch.cat((kw, k[:, None, :, glob].expand(B, n, H, G, hd)), 3)
             vw = torch.cat((vw, v[:, None, :, glob].expand(B, n, H, G, hd)), 3)
