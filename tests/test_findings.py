@@ -142,6 +142,30 @@ def test_a_findings_suite_runs_with_two_jobs_and_reports(tmp_path):
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 6
 
 
+def test_a_settings_seed_cases_run_before_later_settings_tune_cases(tmp_path):
+    """A sweep stopped part way must hold whole settings: once a setting's tune runs are done, its
+    seed runs start before the next setting's tune runs (and never before their own)."""
+    from zoo.suite import load_suite
+    from zoo.sweep import run_suite
+
+    p = tmp_path / "two.yaml"
+    p.write_text(TINY.replace("mixers: [softmax, linear]", "mixers: [softmax]").replace(
+        "    p1: {task: mqar,", "    p2: {task: mqar, args: {vocab: 16, seq_len: 16, n_pairs: 2, train_size: 0, test_size: 32}}\n"
+        "    p1: {task: mqar,"))
+    order = []
+
+    def runner(case, timeout):  # the runs themselves do not matter here: a row per case, in order
+        order.append(case["key"])
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": 0.5}, "val_curve": [[15, case["train"]["lr"] * 100]]}}
+
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, runner=runner)
+    settings = [k.split("/")[1] for k in order]
+    phases = ["seed" if "/best/" in k else "tune" for k in order]
+    assert len(order) == 6 and settings[:3] == [settings[0]] * 3, order  # one setting whole, then the other
+    assert phases == ["tune", "tune", "seed"] * 2, order
+
+
 def test_findings_suite_errors(tmp_path):
     from zoo.suite import cases, load_suite
 

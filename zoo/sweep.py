@@ -288,7 +288,10 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             jobs = gpus
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the case processes
             while waiting or running:
-                for c in [c for c in waiting if not blocked(c)][: jobs - len(running)]:
+                # a setting's seed cases go first once its tuning is done, so a sweep stopped
+                # part way has whole verdicts rather than every setting half-tuned
+                ready = sorted((c for c in waiting if not blocked(c)), key=lambda c: c.get("phase") != "seed")
+                for c in ready[: jobs - len(running)]:
                     waiting.remove(c)
                     run, error = start(c, jobs)
                     if error:
