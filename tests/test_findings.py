@@ -189,3 +189,35 @@ def test_report_of_a_partial_run_says_no_seed_runs_finished():
     assert "rerun on init seeds (none finished yet" in text
     both = tune_only + [row("s", "m", 1e-3, 1, 0.6, chosen=1e-3)]
     assert "rerun on init seeds [1]" in "\n".join(_findings_section(both, None))
+
+
+def test_plot_panels_join_only_settings_that_differ_in_their_axis(tmp_path):
+    """The difficulty plot draws a line only through settings that differ in its x axis: a setting
+    with another query distribution is not a point of the pairs line, a width x length grid gets
+    one width panel per length (Zoology's Fig. 2), and settings that differ in two things at once
+    (or only in a non-numeric one, such as the positional scheme) draw no line at all."""
+    from zoo.report import _findings_plots, findings_panels
+
+    def s(setting, mixer="m", acc=0.5):
+        return fd.Summary(setting=setting, mixer=mixer, lr=1e-3, values=[acc, acc + 0.01, acc - 0.01], chance=0.1,
+                          state_bytes=1024)
+
+    tasks = {"p4": ("mqar", {"n_pairs": 4, "seq_len": 64}, {"d_model": 128}),
+             "p8": ("mqar", {"n_pairs": 8, "seq_len": 64}, {"d_model": 128}),
+             "p16": ("mqar", {"n_pairs": 16, "seq_len": 64}, {"d_model": 128}),
+             "p4u": ("mqar", {"n_pairs": 4, "seq_len": 64, "power_a": 1.0}, {"d_model": 128}),
+             "sc": ("selective_copy", {"seq_len": 64, "n_tokens": 8}, {"d_model": 128}),
+             "sc-long": ("selective_copy", {"seq_len": 256, "n_tokens": 16}, {"d_model": 128}),
+             "ind-rope": ("induction", {"seq_len": 64}, {"d_model": 128, "position": "rope"}),
+             "ind-alibi": ("induction", {"seq_len": 64}, {"d_model": 128, "position": "alibi"})}
+    summaries = [s(st) for st in tasks] + [s("p4u", "w", 0.3)]
+    ((title, x, ss, _),) = findings_panels(summaries, tasks)
+    assert (title, x, sorted(s_.setting for s_ in ss)) == ("mqar", "n_pairs", ["p16", "p4", "p8"])
+
+    grid = {f"d{d}-l{n}": ("mqar", {"n_pairs": n // 16, "seq_len": n}, {"d_model": d})
+            for d in (64, 128, 256) for n in (64, 256)}
+    panels = findings_panels([s(st) for st in grid], grid)
+    assert [(t, x, len(ss)) for t, x, ss, _ in panels] == [
+        ("mqar (n_pairs=4, seq_len=64)", "model.d_model", 3), ("mqar (n_pairs=16, seq_len=256)", "model.d_model", 3)]  # numbers in numeric order
+
+    assert _findings_plots(summaries, tasks, tmp_path) and (tmp_path / "findings.png").stat().st_size > 0

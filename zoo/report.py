@@ -266,30 +266,61 @@ def _findings_section(rows, out_dir):
     return lines
 
 
-def _findings_plots(summaries, tasks, out_dir):
-    """Accuracy against each task's difficulty axis (the task argument or model width that varies
-    across its settings) and against decode-state size, one colour per mixer, 95 % error bars."""
+def _lines_along(x: str, varying: list[str], values: dict) -> dict[tuple, list[str]]:
+    """Settings that agree on every varying parameter but ``x``, with ``x`` a number in each and
+    at least two values of it: the lines of a panel with ``x`` on its axis, keyed by the rest."""
+    out = defaultdict(list)
+    for st, v in values.items():
+        if isinstance(v.get(x), (int, float)) and not isinstance(v.get(x), bool):
+            out[tuple((k, str(v.get(k))) for k in varying if k != x)].append(st)
+    return {g: sts for g, sts in out.items() if len({values[st][x] for st in sts}) > 1}
+
+
+def _numbers_first(item) -> list:  # panels ordered by their fixed values, numbers as numbers
+    return [(k, float(v)) if v.replace(".", "", 1).isdigit() else (k, math.inf, v) for k, v in item[0]]
+
+
+def findings_panels(summaries, tasks) -> list[tuple[str, str, list, dict]]:
+    """The difficulty panels of the findings plot: (title, x key, summaries, each setting's
+    parameters). Per task, the x axis is a numeric parameter (task argument or ``model.*``) that
+    varies across its settings: the model width where it varies (Zoology's Fig. 2), else the one
+    that puts most settings on one line. Settings that differ in anything else (another sequence
+    length, another query distribution) get a panel of their own, titled by what they hold fixed,
+    so no line joins settings that differ in more than its axis; a panel needs two settings."""
     by_task = defaultdict(list)
     for s_ in summaries:
         by_task[tasks[s_.setting][0]].append(s_)
-    plt = _plt()
     panels = []
     for task, ss in sorted(by_task.items()):
         settings = sorted({s_.setting for s_ in ss})
-        if len(settings) < 2:
-            continue
-        keys = {k for st in settings for k in {**tasks[st][1], **{f"model.{m}": v for m, v in tasks[st][2].items()}}}
         values = {st: {**tasks[st][1], **{f"model.{m}": v for m, v in tasks[st][2].items()}} for st in settings}
-        axis = [k for k in sorted(keys) if len({str(values[st].get(k)) for st in settings}) > 1
-                and all(isinstance(values[st].get(k), (int, float)) for st in settings)]
-        if len(axis) == 1:
-            panels.append((task, axis[0], ss, values))
+        keys = sorted({k for st in settings for k in values[st]})
+        varying = [k for k in keys if len({str(values[st].get(k)) for st in settings}) > 1]
+        lines = {x: _lines_along(x, varying, values) for x in varying}
+        candidates = [x for x in varying if lines[x]]
+        if not candidates:
+            continue
+        x = "model.d_model" if "model.d_model" in candidates else max(
+            candidates, key=lambda k: max(len(v) for v in lines[k].values()))
+        for fixed, sts in sorted(lines[x].items(), key=_numbers_first):
+            named = [f"{k}={v}" for k, v in fixed if v != "None"]  # None: left at the task's default
+            title = task + (f" ({', '.join(named)})" if named else "")
+            panels.append((title, x, [s_ for s_ in ss if s_.setting in sts], values))
+    return panels
+
+
+def _findings_plots(summaries, tasks, out_dir):
+    """Accuracy against each task's difficulty axis (:func:`findings_panels`) and against
+    decode-state size, one colour per mixer, 95 % error bars."""
+    plt = _plt()
+    panels = findings_panels(summaries, tasks)
     if not panels:
         return []
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 3.6), squeeze=False)
-    for ax, (task, key, ss, values) in zip(axes[0], panels, strict=False):
+    for ax, (title, key, ss, values) in zip(axes[0], panels, strict=False):
         for mixer in sorted({s_.mixer for s_ in ss}):
-            pts = sorted((values[s_.setting][key], s_) for s_ in ss if s_.mixer == mixer and s_.values)
+            pts = sorted(((values[s_.setting][key], s_) for s_ in ss if s_.mixer == mixer and s_.values),
+                         key=lambda p: p[0])
             if not pts:
                 continue
             err = [[p[1].mean - p[1].ci[0] if p[1].n > 1 else 0 for p in pts],
@@ -304,14 +335,19 @@ def _findings_plots(summaries, tasks, out_dir):
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(key)
         ax.set_ylabel("test accuracy (mean, 95 % interval)")
-        ax.set_title(task)
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[0][-1]
+    marker = {t: "osD^vP*X"[i % 8] for i, t in enumerate(sorted({tasks[s_.setting][0] for s_ in summaries}))}
     for mixer in sorted({s_.mixer for s_ in summaries}):
-        pts = sorted((s_.state_bytes, s_.mean) for s_ in summaries
-                     if s_.mixer == mixer and s_.values and s_.state_bytes)
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=mixer, color=mixer_color(mixer))
+        for task, m in marker.items():  # one colour per mixer, one marker per task
+            pts = [(s_.state_bytes, s_.mean) for s_ in summaries
+                   if s_.mixer == mixer and tasks[s_.setting][0] == task and s_.values and s_.state_bytes]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=mixer_color(mixer), marker=m)
+        ax.scatter([], [], color=mixer_color(mixer), label=mixer)
+    for task, m in marker.items():
+        ax.scatter([], [], color="grey", marker=m, label=task)
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("decode state (bytes, batch 1, at the task length)")
