@@ -11,10 +11,10 @@ from zoo import findings as fd
 
 
 def row(setting, mixer, lr, seed, acc, *, phase=None, val=None, status="ok", chosen=None, metric="test/accuracy",
-        stop_at=0.99, chance=0.1):
+        stop_at=0.99, chance=0.1, task_args=None):
     phase = phase or ("tune" if chosen is None else "seed")
     case = {"kind": "findings", "setting": setting, "mixer": mixer, "phase": phase, "chance": chance,
-            "task": "mqar", "task_args": {}, "model": {},
+            "task": "mqar", "task_args": task_args or {}, "model": {},
             "train": {"lr": lr if phase == "tune" else "best", "seed": seed, "stop_at": stop_at, "data_seed": 0}}
     r = {"key": f"findings/{setting}/{mixer}/{phase}/{lr}/{seed}", "case": case, "status": status}
     if status == "ok":
@@ -65,10 +65,34 @@ def claim(**rule):
     return fd.Claim("c", "a claim", "a paper", rule)
 
 
-def three(setting, mixer, accs, improving=False, metric="test/accuracy"):
+def three(setting, mixer, accs, improving=False, metric="test/accuracy", task_args=None):
     val = [[100, 0.1], [200, 0.5]] if improving else None
-    return [row(setting, mixer, 1e-3, k, a, chosen=None if k == 0 else 1e-3, val=val, metric=metric)
-            for k, a in enumerate(accs)]
+    return [row(setting, mixer, 1e-3, k, a, chosen=None if k == 0 else 1e-3, val=val, metric=metric,
+                task_args=task_args) for k, a in enumerate(accs)]
+
+
+def test_a_fall_from_the_floor_or_short_of_budget_is_no_verdict():
+    """mqar's floor is a guess among the example's values (1 / n_pairs): a mixer that sits there
+    at 4 pairs and at 16 'falls' from 0.25 to 0.06 without ever recalling, which is no evidence
+    that recall degrades. And a drop that is too small while the easier setting's runs are still
+    improving may only be a budget too small: inconclusive, not refuted."""
+    p4, p16 = {"n_pairs": 4}, {"n_pairs": 16}
+    rows = three("p4", "lin", [0.25, 0.24, 0.26], task_args=p4) + three("p16", "lin", [0.06, 0.06, 0.07], task_args=p16)
+    rows += three("p4", "ssm", [0.9, 0.92, 0.91], task_args=p4) + three("p16", "ssm", [0.4, 0.45, 0.5], task_args=p16)
+    rows += three("p4", "late", [0.57, 0.6, 0.55], improving=True, task_args=p4)
+    rows += three("p16", "late", [0.95, 0.96, 0.95], task_args=p16)
+    rows += three("p4", "flat", [0.97, 0.98, 0.97], task_args=p4) + three("p16", "flat", [0.95, 0.96, 0.95], task_args=p16)
+    by = {(s.setting, s.mixer): s for s in fd.summarize(rows)}
+    assert by["p4", "lin"].floor == 0.25 and "AT FLOOR 0.250" in by["p4", "lin"].flag_text()
+    assert not by["p4", "ssm"].at_floor and "AT FLOOR" not in by["p16", "ssm"].flag_text()
+    verdict, ours = fd.evaluate(claim(kind="decreases", mixers=["lin"], settings=["p4", "p16"], by=0.1), rows)
+    assert verdict == fd.INCONCLUSIVE and "at its floor 0.250 already at p4: no evidence either way" in ours
+    both = claim(kind="decreases", mixers=["lin", "ssm"], settings=["p4", "p16"], by=0.1)
+    assert fd.evaluate(both, rows)[0] == fd.REPRODUCED  # the verdict is the mixer that learned p4
+    assert fd.evaluate(claim(kind="decreases", mixers=["late"], settings=["p4", "p16"], by=0.1), rows)[0] == \
+        fd.INCONCLUSIVE
+    assert fd.evaluate(claim(kind="decreases", mixers=["flat"], settings=["p4", "p16"], by=0.1), rows)[0] == \
+        fd.NOT_REPRODUCED
 
 
 def test_claim_rules_reproduced_not_reproduced_inconclusive():

@@ -70,6 +70,26 @@ def test_mqar_hides_the_answers_and_places_queries_by_power_law():
     assert ((zero[:, 8:] == 0) | (zero[:, 8:] <= 31)).all()  # only queried keys among the zeros
 
 
+@pytest.mark.parametrize("reveal", [False, True])
+def test_mqar_floor_is_what_a_guess_without_binding_scores(reveal):
+    """The floor the findings report flags (AT FLOOR): a guesser that knows the example's values
+    but binds none to its key; with the answers revealed, one that also rules out the values
+    already answered (the elimination shortcut)."""
+    t = build("mqar", vocab=64, seq_len=64, n_pairs=4, train_size=4000, reveal_answers=reveal)
+    x, y = t.data["train"].tensors
+    g = torch.Generator().manual_seed(0)
+    hits = total = 0
+    for row in range(x.shape[0]):
+        left = x[row, 1:8:2].tolist()
+        for p in (y[row] != IGNORE).nonzero().flatten().tolist():
+            guess = left[torch.randint(len(left), (1,), generator=g).item()]
+            hits, total = hits + int(guess == y[row, p].item()), total + 1
+            if reveal:
+                left.remove(y[row, p].item())
+    assert t.floor == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 if reveal else 1 / 4)
+    assert hits / total == pytest.approx(t.floor, abs=0.02) and t.floor > t.chance  # 16000 guesses: se 0.004
+
+
 def test_selective_copy_solver():
     t = build("selective_copy", vocab=10, seq_len=30, n_tokens=5)
     x, y = t.data["train"].tensors

@@ -57,6 +57,7 @@ class Summary:
     state_bytes: int | None = None
     grid: dict[float, float] = field(default_factory=dict)  # lr -> validation accuracy of its tune run
     stale: int = 0  # seed runs made with another lr than today's choice (left out)
+    floor: float | None = None  # accuracy without the task's skill (Task.floor), where above chance
 
     @property
     def n(self) -> int:
@@ -85,10 +86,21 @@ class Summary:
         se = self.std / math.sqrt(self.n) if self.n > 1 else 0.0
         return self.mean <= self.chance + max(CHANCE_MARGIN, 2 * se)
 
+    @property
+    def at_floor(self) -> bool:
+        """At the task's floor (e.g. mqar's guess among the example's values) and not at chance:
+        the mixer learned the task's format but not its skill."""
+        if not self.values or self.floor is None or self.at_chance:
+            return False
+        se = self.std / math.sqrt(self.n) if self.n > 1 else 0.0
+        return self.mean <= self.floor + max(CHANCE_MARGIN, 2 * se)
+
     def flag_text(self) -> str:
         parts = [f"{k} {v}/{self.n_runs}" for k, v in sorted(self.flags.items()) if v]
         if self.at_chance:
             parts.append("AT CHANCE")
+        if self.at_floor:
+            parts.append(f"AT FLOOR {self.floor:.3f}")
         if self.stale:
             parts.append(f"{self.stale} stale seed run(s) left out")
         return ", ".join(parts) or "-"
@@ -151,6 +163,19 @@ def findings_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("case", {}).get("kind") == "findings"]
 
 
+def task_floor(case: dict) -> float | None:
+    """The floor of the case's task (:attr:`zoo.tasks.base.Task.floor`) where it lies above the
+    chance level; None where it does not, or where the task cannot be built here (a report
+    never dies on its rows)."""
+    from zoo.registry import default_registry
+
+    try:
+        floor = default_registry().build_task(case["task"], **case.get("task_args", {})).floor
+    except Exception:
+        return None
+    return floor if floor > case.get("chance", 0.0) + 1e-12 else None
+
+
 def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
     """One Summary per (setting, mixer) from the rows of a findings suite."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -166,7 +191,7 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
         current = [r for r in seeds if r.get("lr") == lr]
         runs = chosen + current
         s = Summary(setting, mixer, lr, [], chance=case.get("chance", 0.0), stale=len(seeds) - len(current),
-                    grid={r["case"]["train"]["lr"]: val_score(r)[0] for r in tune})
+                    grid={r["case"]["train"]["lr"]: val_score(r)[0] for r in tune}, floor=task_floor(case))
         target = case["train"].get("stop_at", 0.0)
         for r in runs:
             for k, v in run_flags(r, target).items():
@@ -272,11 +297,17 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
                 verdicts.append(INCONCLUSIVE)
                 continue
             drop = first.mean - last.mean
-            parts.append(f"{mixer}: {first.mean:.3f} -> {last.mean:.3f} (drop {drop:+.3f})")
+            text = f"{mixer}: {first.mean:.3f} -> {last.mean:.3f} (drop {drop:+.3f})"
+            if first.at_floor or first.at_chance:  # never learned the easier setting: its fall is the floor's
+                level = f"floor {first.floor:.3f}" if first.at_floor else f"chance {first.chance:.3f}"
+                parts.append(f"{text}, at its {level} already at {settings[0]}: no evidence either way")
+                continue
+            parts.append(text)
             separated = not _overlap(first.ci, last.ci) if first.n > 1 and last.n > 1 else False
+            improving = first.flags.get("still_improving", 0) > 0  # more budget could widen the drop
             if drop >= float(rule.get("by", 0.0)) and separated:
                 verdicts.append(REPRODUCED)
-            elif drop < float(rule.get("by", 0.0)) and (first.n >= 3 and last.n >= 3):
+            elif drop < float(rule.get("by", 0.0)) and (first.n >= 3 and last.n >= 3) and not improving:
                 verdicts.append(NOT_REPRODUCED)
             else:
                 verdicts.append(INCONCLUSIVE)

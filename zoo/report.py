@@ -249,7 +249,10 @@ def _findings_section(rows, out_dir):
     for setting, ss in sorted(by_setting.items()):
         task, args, model = tasks[setting]
         lines += [f"### {setting}: {task} ({_kv(args)})", "",
-                  f"chance {ss[0].chance:.3f}" + (f"; model {_kv(model)}" if model != c0.get("model", {}) else ""), "",
+                  f"chance {ss[0].chance:.3f}"
+                  + (f"; floor {ss[0].floor:.3f} (reachable without the task's skill; AT FLOOR flags it)"
+                     if ss[0].floor is not None else "")
+                  + (f"; model {_kv(model)}" if model != c0.get("model", {}) else ""), "",
                   "| rank | mixer | lr | runs | test accuracy | 95 % interval | flags | state bytes | val acc per lr |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s_, rank in fd.ranking(ss):
@@ -328,6 +331,9 @@ def _findings_plots(summaries, tasks, out_dir):
             ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=err, marker="o", capsize=3,
                         label=mixer, color=mixer_color(mixer))
         ax.axhline(ss[0].chance, color="grey", linestyle=":", label="chance")
+        floors = sorted({(values[s_.setting][key], s_.floor) for s_ in ss if s_.floor is not None})
+        if floors:  # e.g. mqar's guess among the example's values, 1 / n_pairs
+            ax.plot([f[0] for f in floors], [f[1] for f in floors], color="grey", linestyle="--", label="floor")
         ax.set_xscale("log", base=2)
         ticks = sorted({values[s_.setting][key] for s_ in ss})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])

@@ -80,6 +80,12 @@ class Task(L.LightningDataModule):
         """Test accuracy of a model that knows the answer's alphabet but nothing else."""
         return 1.0 / (self.n_classes or self.vocab_size)
 
+    @property
+    def floor(self) -> float:
+        """Test accuracy reachable without the skill the task tests (e.g. recall without binding
+        keys to values); the chance level where the task has no such shortcut."""
+        return self.chance
+
     def generate(self, n: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` examples (tokens, targets) drawn from ``seed`` for ``split`` ("train", "val" or a
         test name). Synthetic tasks need only the seed (each split already has its own, from

@@ -57,6 +57,16 @@ class MQAR(Task):
     def chance(self) -> float:
         return 1.0 / (self.vocab - 1 - self.n_keys)  # values come from the upper half
 
+    @property
+    def floor(self) -> float:
+        """A model that copies one of the example's values without binding it to its key: one
+        in ``n_pairs``. Learning that much takes no recall; a mixer that sits there has not
+        started the task (docs/findings.md). With ``reveal_answers`` and each key asked once,
+        a guess among the values not yet answered: H(n_pairs) / n_pairs (0.52 at 4 pairs)."""
+        if self.reveal_answers and self.n_queries == self.n_pairs:
+            return sum(1.0 / k for k in range(1, self.n_pairs + 1)) / self.n_pairs
+        return 1.0 / self.n_pairs
+
     def generate(self, n: int, seed: int, split: str):
         g = torch.Generator().manual_seed(seed)
         N, Q, T = self.n_pairs, self.n_queries, self.seq_len
