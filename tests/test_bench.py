@@ -516,6 +516,53 @@ def test_forked_cases_report_like_fresh_interpreters():
     assert children == [], f"case processes left under the fork server: {children}"
 
 
+KILLED_SWEEP = """
+import subprocess, sys, threading, time
+from multiprocessing import forkserver
+from zoo.sweep import run_forked
+case = {"key": "q", "kind": "quality", "mixer": "softmax", "task": "mqar", "threads": 1,
+        "task_args": {"vocab": 16, "seq_len": 16, "n_pairs": 2}, "model": {"d_model": 16, "n_layers": 1},
+        "train": {"max_steps": 10 ** 7, "val_every": 10 ** 7}}
+if __name__ == "__main__":  # the fork server imports this module again
+    threading.Thread(target=run_forked, args=(case, 600), daemon=True).start()
+    while True:
+        server = forkserver._forkserver._forkserver_pid
+        kids = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout.split() if server else []
+        if kids:
+            print("CASE", kids[0], flush=True)
+            time.sleep(600)
+        time.sleep(0.2)
+"""
+
+
+def test_a_killed_sweep_takes_its_forked_case_with_it(tmp_path):
+    """kill -9 of a sweep must not leave its case training on: the fork server outlives the
+    sweep while a case holds its pipe, so the case watches the sweep itself."""
+    import subprocess
+    import sys
+    import time
+
+    from zoo.sweep import _running, forkserver_available
+
+    if not forkserver_available():
+        pytest.skip("no fork server on this platform")
+    script = tmp_path / "sweep.py"
+    script.write_text(KILLED_SWEEP)
+    sweep = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = sweep.stdout.readline()
+        assert line.startswith("CASE "), line
+        case = int(line.split()[1])
+        assert _running(case)
+    finally:
+        sweep.kill()
+        sweep.wait()
+    deadline = time.monotonic() + 20
+    while _running(case) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(case), f"case {case} still running after its sweep was killed"
+
+
 def test_peak_memory_is_the_cases_own_whatever_came_before():
     """A transient 400 MB earlier in the process (freed back to the system) does not hide the
     case's own peak: the high-water mark is reset to the current resident memory first."""

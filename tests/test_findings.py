@@ -245,3 +245,25 @@ def test_plot_panels_join_only_settings_that_differ_in_their_axis(tmp_path):
         ("mqar (n_pairs=4, seq_len=64)", "model.d_model", 3), ("mqar (n_pairs=16, seq_len=256)", "model.d_model", 3)]  # numbers in numeric order
 
     assert _findings_plots(summaries, tasks, tmp_path) and (tmp_path / "findings.png").stat().st_size > 0
+
+
+def test_a_run_keeps_its_row_when_the_state_size_aside_fails(monkeypatch):
+    """The decode-state size is measured after training: a mixer that cannot decode (the registry
+    says so) gets none without being stepped, and a failure there records its error beside the
+    finished run's metrics instead of turning the whole run into an error row."""
+    from zoo import sweep
+
+    case = {"kind": "findings", "mixer": "lsh", "model": {"d_model": 32, "n_layers": 1, "max_len": 32,
+                                                           "allow_causal_leak": True},
+            "task": "mqar", "task_args": {"vocab": 16, "seq_len": 16, "n_pairs": 1, "train_size": 0, "test_size": 8},
+            "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 1, "val_every": 2, "lr": 1e-3, "seed": 0}}
+    result = sweep._train_case(case)
+    assert result["state_bytes"] is None and "test/accuracy" in result["metrics"]
+
+    def broken(cfg):
+        raise RuntimeError("step is broken")
+
+    monkeypatch.setattr(sweep, "_state_bytes", broken)
+    result = sweep._train_case({**case, "mixer": "softmax"})
+    assert result["state_bytes"] is None and result["state_bytes_error"] == "RuntimeError: step is broken"
+    assert result["steps"] == 2 and "test/accuracy" in result["metrics"]

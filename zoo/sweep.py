@@ -331,6 +331,33 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child between f
         pass
 
 
+def _die_with_sweep(pid: int) -> None:  # pragma: no cover (runs in the forked case)
+    """A forked case's parent is the fork server, which exits when the sweep does, but only
+    once no process holds the server's 'alive' pipe, and every forked case inherits it: a
+    killed sweep left its cases training on as orphans (measured: a whole run's CPU) beside
+    the next sweep. A watcher thread takes the case's session down once the sweep is gone."""
+    import signal
+    import threading
+
+    def watch():
+        while _running(pid):
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="zoo-die-with-sweep", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    """The process lives and is not a zombie (dead, not yet reaped by its parent)."""
+    if not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: os.kill's answer stands
+
+
 def run_isolated(case: dict, timeout: int, argv: list[str] | None = None) -> dict:
     """One case in a fresh interpreter, in its own process group; never raises. A case past its
     timeout is killed with everything it started (a compiler, ninja), not only the interpreter.
@@ -454,7 +481,10 @@ def _train_case(case: dict) -> dict:
               "train_seconds": out["train_seconds"], "loss_curve": curve, "val_curve": val,
               "val_loss": val_loss[-1] if val_loss else None}
     if case["kind"] == "findings":
-        result["state_bytes"] = _state_bytes(cfg)
+        try:  # an aside: a mixer whose decoding fails must not cost the finished run its row
+            result["state_bytes"] = _state_bytes(cfg)
+        except Exception as e:
+            result["state_bytes"], result["state_bytes_error"] = None, f"{type(e).__name__}: {e}"
     return result
 
 
@@ -465,9 +495,13 @@ def _state_bytes(cfg) -> int | None:
 
     from zoo.contract import state_nbytes
     from zoo.model import build_model
+    from zoo.registry import default_registry
     from zoo.train import resolve
 
     resolved, task = resolve(cfg)
+    reg = default_registry()
+    if not all(reg.mixer(name).decode for name in dict.fromkeys(resolved.model.mixers)):
+        return None  # the registry says a mixer cannot decode: nothing to step
     model = build_model(resolved.model).eval()
     try:
         state = model.init_state(1)
@@ -540,7 +574,8 @@ def _forked_case(case_json: str, conn, log_path: str, where: dict) -> None:  # p
     working directory and import path as they are now (the server has those of its start: a
     registry overlay or PYTHONPATH set since would otherwise be missed)."""
     os.setsid()
-    _die_with_parent()
+    _die_with_parent()  # the server's death
+    _die_with_sweep(where["sweep"])  # the sweep's: the server outlives it while a case holds its pipe
     os.environ.clear()
     os.environ.update(where["env"], ZOO_LAUNCHER="forkserver")  # recorded in the row's env
     os.chdir(where["cwd"])
@@ -570,7 +605,7 @@ def run_forked(case: dict, timeout: int) -> dict:
     recv, send = ctx.Pipe(duplex=False)
     with tempfile.NamedTemporaryFile(prefix="zoo-case-", suffix=".log", delete=False) as log:
         log_path = log.name
-    where = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
+    where = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path), "sweep": os.getpid()}
     proc = ctx.Process(target=_forked_case, args=(json.dumps(case), send, log_path, where), daemon=False)
     proc.start()
     send.close()
