@@ -59,6 +59,14 @@ def test_ranking_shares_ranks_when_intervals_overlap():
         rows += [row("s", mixer, 1e-3, k, acc, chosen=None if k == 0 else 1e-3) for k, acc in enumerate(accs)]
     ranks = {s.mixer: r for s, r in fd.ranking(fd.summarize(rows))}
     assert ranks == {"a": "1-2", "b": "1-2", "c": "3"}
+    # overlap is not transitive (mqar-p4 of the full run): a wide mamba interval overlaps softmax,
+    # which is apart from and above window; softmax can be first or second, never third
+    rows = []
+    for mixer, accs in (("softmax", [0.999, 0.998, 1.0]), ("window", [0.792, 0.791, 0.792]),
+                        ("mamba", [0.57, 0.805, 0.953]), ("linear", [0.244, 0.253, 0.246])):
+        rows += [row("s", mixer, 1e-3, k, acc, chosen=None if k == 0 else 1e-3) for k, acc in enumerate(accs)]
+    ranks = {s.mixer: r for s, r in fd.ranking(fd.summarize(rows))}
+    assert ranks == {"softmax": "1-2", "window": "2-3", "mamba": "1-3", "linear": "4"}
 
 
 def claim(**rule):

@@ -204,15 +204,26 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
 
 
 def ranking(summaries: list[Summary]) -> list[tuple[Summary, str]]:
-    """Summaries of one setting best first, each with its rank; mixers whose 95 % intervals
-    overlap share a rank range ('1-2'), so no order is claimed between them."""
+    """Summaries of one setting best first, each with the ranks it could hold: from one plus
+    the mixers whose 95 % interval lies wholly above its own, to the count of mixers less those
+    whose interval lies wholly below ('1-2'). Overlap is not transitive: a wide interval can
+    overlap two mixers that are apart, and neither of those then reads as possibly third."""
     ordered = sorted(summaries, key=lambda s: -s.mean if s.values else math.inf)
+    scored = [s for s in ordered if s.values]
+
+    def interval(s: Summary) -> tuple[float, float]:
+        return s.ci if s.n > 1 else (s.mean, s.mean)
+
     out = []
     for i, s in enumerate(ordered):
-        lo, hi = s.ci if s.n > 1 else (s.mean, s.mean)
-        tied = [j for j, o in enumerate(ordered) if o.values and _overlap((lo, hi), o.ci if o.n > 1 else (o.mean,) * 2)]
-        first, last = (min(tied), max(tied)) if tied else (i, i)
-        out.append((s, f"{first + 1}" if first == last else f"{first + 1}-{last + 1}"))
+        if not s.values:
+            out.append((s, f"{i + 1}"))
+            continue
+        lo, hi = interval(s)
+        above = sum(1 for o in scored if o is not s and not _overlap((lo, hi), interval(o)) and o.mean > s.mean)
+        below = sum(1 for o in scored if o is not s and not _overlap((lo, hi), interval(o)) and o.mean < s.mean)
+        first, last = above + 1, len(scored) - below
+        out.append((s, f"{first}" if first == last else f"{first}-{last}"))
     return out
 
 

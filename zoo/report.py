@@ -240,7 +240,8 @@ def _findings_section(rows, out_dir):
              f"{_kv(train)}; model: {_kv(c0.get('model', {}))}. Flags count runs: converged = reached the "
              f"validation target; still_improving = validation accuracy rose by more than {fd.IMPROVING} over the "
              "last quarter of the run; AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level. "
-             "Mixers whose intervals overlap share a rank.", ""]
+             "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "
+             "its own to the count less those wholly below (overlapping intervals are never ordered).", ""]
     by_setting = defaultdict(list)
     for s_ in summaries:
         by_setting[s_.setting].append(s_)
