@@ -253,6 +253,10 @@ def test_plot_panels_join_only_settings_that_differ_in_their_axis(tmp_path):
         ("mqar (n_pairs=4, seq_len=64)", "model.d_model", 3), ("mqar (n_pairs=16, seq_len=256)", "model.d_model", 3)]  # numbers in numeric order
 
     assert _findings_plots(summaries, tasks, tmp_path) and (tmp_path / "findings.png").stat().st_size > 0
+    for s_ in summaries:  # no mixer that decodes (an experiment's training-only mixer): no state panel
+        s_.state_bytes = None
+    (tmp_path / "findings.png").unlink()
+    assert _findings_plots(summaries, tasks, tmp_path) and (tmp_path / "findings.png").stat().st_size > 0
 
 
 def test_a_run_keeps_its_row_when_the_state_size_aside_fails(monkeypatch):

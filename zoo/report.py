@@ -318,9 +318,11 @@ def _findings_plots(summaries, tasks, out_dir):
     decode-state size, one colour per mixer, 95 % error bars."""
     plt = _plt()
     panels = findings_panels(summaries, tasks)
-    if not panels:
+    with_state = any(s_.values and s_.state_bytes for s_ in summaries)  # none: no mixer decodes
+    if not panels and not with_state:
         return []
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 3.6), squeeze=False)
+    n = len(panels) + with_state
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     for ax, (title, key, ss, values) in zip(axes[0], panels, strict=False):
         for mixer in sorted({s_.mixer for s_ in ss}):
             pts = sorted(((values[s_.setting][key], s_) for s_ in ss if s_.mixer == mixer and s_.values),
@@ -344,6 +346,8 @@ def _findings_plots(summaries, tasks, out_dir):
         ax.set_ylabel("test accuracy (mean, 95 % interval)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
+    if not with_state:
+        return _save_findings_plot(fig, out_dir)
     ax = axes[0][-1]
     marker = {t: "osD^vP*X"[i % 8] for i, t in enumerate(sorted({tasks[s_.setting][0] for s_ in summaries}))}
     for mixer in sorted({s_.mixer for s_ in summaries}):
@@ -361,9 +365,13 @@ def _findings_plots(summaries, tasks, out_dir):
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.set_title("accuracy against state size")
     ax.legend(fontsize=7)
+    return _save_findings_plot(fig, out_dir)
+
+
+def _save_findings_plot(fig, out_dir) -> list[str]:
     fig.tight_layout()
     fig.savefig(out_dir / "findings.png", dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return ["![findings](findings.png)", ""]
 
 
