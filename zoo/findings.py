@@ -10,7 +10,8 @@ For every mixer x task setting of a ``findings`` suite:
      with flags: converged (reached the validation target, early-stopped), still improving
      (validation accuracy rose by more than ``IMPROVING`` over the last quarter of the run, and
      it did not converge), at chance (the mean is within a margin of the task's chance level),
-     diverged (non-finite loss).
+     at floor (the same margin of the task's floor: what it yields without its skill, e.g.
+     mqar's 1 / n_pairs), diverged (non-finite loss).
   4. claims: published results, each with its source, the settings that test it and a pass
      rule, evaluated on the aggregates: reproduced / not reproduced / inconclusive, with numbers.
 
