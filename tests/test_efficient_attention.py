@@ -305,6 +305,8 @@ def test_linear_causal_chunked_gradcheck(c):
 def test_linear_unknown_feature_map():
     with pytest.raises(zoo.ZooConfigError, match=r"unknown feature_map of linear attention 'gelu'.*Allowed: elu, relu, softplus"):
         zoo.build_mixer("linear", D, feature_map="gelu")
+    with pytest.raises(zoo.ZooConfigError, match=r"short_conv"):
+        zoo.build_mixer("linear", D, short_conv=-1)
 
 
 def test_efficient_mixers_train_in_a_model():
