@@ -198,6 +198,137 @@ def test_a_settings_seed_cases_run_before_later_settings_tune_cases(tmp_path):
     assert phases == ["tune", "tune", "seed"] * 2, order
 
 
+def _scripted(order, val):
+    """A runner whose final validation accuracy is ``val(mixer, lr)``, recording what ran."""
+    def runner(case, timeout):
+        order.append((case["key"], case["train"]["lr"]))
+        acc = val(case["mixer"], case["train"]["lr"])
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": acc}, "val_curve": [[15, acc], [30, acc]], "val_loss": 1 - acc}}
+    return runner
+
+
+def test_rates_beyond_the_grid_run_only_where_the_grid_chose_its_edge(tmp_path):
+    """A rate chosen at the grid's edge is not tuned: the next rate beyond it runs (and the one
+    after, while the choice stays at the edge); a choice inside the grid, or one that reached
+    the target, skips them at no cost; the seed runs use the final choice."""
+    from zoo.suite import cases, load_suite
+    from zoo.sweep import run_suite
+
+    p = tmp_path / "ext.yaml"
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-4, 1.0e-2, 3.0e-2]"))
+    suite = load_suite(str(p))
+    ext = [(c["key"].split("/")[2], c["train"]["lr"], c["extend"]) for c in cases(suite) if c["phase"] == "extend"]
+    assert sorted(ext) == sorted((m, lr, k) for m in ("softmax", "linear")
+                                 for lr, k in ((1e-4, 1), (1e-2, 1), (3e-2, 2)))
+    # softmax: better the higher the rate, never at the target (0.99); linear: best inside the grid
+    curve = {"softmax": {1e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5, 3e-2: 0.6},
+             "linear": {1e-4: 0.9, 1e-3: 0.4, 3e-3: 0.3, 1e-2: 0.9, 3e-2: 0.9}}
+    order = []
+    run_suite(suite, tmp_path / "out", progress=False, jobs=2, runner=_scripted(order, lambda m, lr: curve[m][lr]))
+    ran = sorted((k.split("/")[2], k.split("/")[3], lr) for k, lr in order)
+    assert ran == sorted([("softmax", f"lr={lr:g}", lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
+                         + [("linear", f"lr={lr:g}", lr) for lr in (1e-3, 3e-3, 1e-4)]
+                         + [("softmax", "best", 3e-2), ("linear", "best", 1e-4)]), order
+    # an extension waits for its grid and nearer extensions; a seed run for all of them
+    for mixer in ("softmax", "linear"):
+        keys = [k for k, _ in order if k.split("/")[2] == mixer]
+        assert keys[-1].endswith("/best/seed=1") and all("/lr=" in k for k in keys[:-1]), keys
+    assert [k for k, _ in order if k.startswith("findings/p1/softmax/lr=")][-2:] == [
+        "findings/p1/softmax/lr=0.01/seed=0", "findings/p1/softmax/lr=0.03/seed=0"]
+    rows = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    skipped = {k: r["reason"] for k, r in rows.items() if r["status"] == "skipped"}
+    assert set(skipped) == {"findings/p1/softmax/lr=0.0001/seed=0", "findings/p1/linear/lr=0.01/seed=0",
+                            "findings/p1/linear/lr=0.03/seed=0"}, skipped
+    assert "chose 0.003, not their edge 0.001" in skipped["findings/p1/softmax/lr=0.0001/seed=0"]
+    assert "chose 0.0001, not their edge 0.003" in skipped["findings/p1/linear/lr=0.03/seed=0"]
+    s = {x.mixer: x for x in fd.summarize(list(rows.values()))}
+    assert s["softmax"].lr == 3e-2 and s["softmax"].edge and "LR AT EDGE" in s["softmax"].flag_text()
+    assert s["linear"].lr == 1e-4 and s["linear"].edge  # the lowest tried
+    assert set(s["softmax"].grid) == {1e-3, 3e-3, 1e-2, 3e-2}
+    from zoo.report import write_report
+
+    text = write_report(list(rows.values()), tmp_path / "out").read_text()
+    assert "extended by [0.0001, 0.01, 0.03]" in text and "3 more not needed" in text
+    assert "Cases that did not finish" not in text
+
+
+def test_a_choice_that_moves_reruns_its_seed_runs_and_one_that_stays_keeps_them(tmp_path):
+    """Seed runs made with a rate the tuning no longer chooses (a rate beyond the grid won) are
+    rerun with the new choice, not kept as stale rows; where the choice stayed, they stand."""
+    from zoo.suite import load_suite
+    from zoo.sweep import case_status, run_suite
+
+    p = tmp_path / "ext.yaml"
+    p.write_text(TINY)
+    curve = {"softmax": {1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5}, "linear": {1e-3: 0.5, 3e-3: 0.3, 1e-2: 0.1}}
+    first = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
+              runner=_scripted(first, lambda m, lr: curve[m][lr]))
+    assert len(first) == 6
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-2]"))
+    assert dict(case_status(load_suite(str(p)), tmp_path / "out"))["findings/p1/softmax/best/seed=1"] == "ok"
+    second = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
+              runner=_scripted(second, lambda m, lr: curve[m][lr]))
+    assert second == [("findings/p1/softmax/lr=0.01/seed=0", 1e-2), ("findings/p1/softmax/best/seed=1", 1e-2)]
+    status = dict(case_status(load_suite(str(p)), tmp_path / "out"))
+    assert status["findings/p1/linear/lr=0.01/seed=0"] == "skipped"
+    assert status["findings/p1/linear/best/seed=1"] == status["findings/p1/softmax/best/seed=1"] == "ok"
+    third = []  # everything is done
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
+              runner=_scripted(third, lambda m, lr: curve[m][lr]))
+    assert third == []
+
+
+def test_a_case_that_needs_no_run_does_not_hold_a_slot(tmp_path):
+    """With two jobs, a skipped extension must not leave its slot idle until the other case
+    ends: the next ready case starts at once (here the second linear run, which the first
+    waits for)."""
+    import threading
+
+    from zoo.suite import load_suite
+    from zoo.sweep import run_suite
+
+    p = tmp_path / "ext.yaml"
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-2]"))
+    second, waited = threading.Event(), []
+
+    def runner(case, timeout):
+        if case["key"] == "findings/p1/linear/lr=0.001/seed=0":
+            waited.append(second.wait(20))
+        if case["key"] == "findings/p1/linear/lr=0.003/seed=0":
+            second.set()
+        acc = 0.995 if case["mixer"] == "softmax" else 0.5  # softmax converges: no extension
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": acc}, "val_curve": [[30, acc]], "val_loss": 1 - acc}}
+
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=2, runner=runner)
+    assert waited == [True]
+
+
+def test_extension_rule_and_intervals_within_the_metric_range():
+    grid = [row("s", "m", 1e-3, 0, 0.5), row("s", "m", 3e-3, 0, 0.7)]
+    up = {"train": {"lr": 1e-2, "stop_at": 0.99}}
+    down = {"train": {"lr": 1e-4, "stop_at": 0.99}}
+    assert fd.extension_needed(up, grid) is None
+    assert "not their edge 0.001" in fd.extension_needed(down, grid)
+    conv = [row("s", "m", 1e-3, 0, 0.5), row("s", "m", 3e-3, 0, 0.995)]
+    assert "reached the validation target" in fd.extension_needed(up, conv)
+    assert fd.extension_needed(up, []) == "no finished tune run to extend"
+    assert "inside" in fd.extension_needed({"train": {"lr": 2e-3}}, grid)
+    (s,) = fd.summarize(conv)
+    assert not s.edge  # at the edge, but it reached the target: nothing more to tune
+    # three split seeds: the t interval would reach [-0.49, 1.86]; an accuracy stays in [0, 1]
+    split = [row("s", "m", 1e-3, 0, 0.96), row("s", "m", 1e-3, 1, 0.14, chosen=1e-3),
+             row("s", "m", 1e-3, 2, 0.96, chosen=1e-3)]
+    (s,) = fd.summarize(split)
+    assert s.ci == (0.0, 1.0)
+    (s,) = fd.summarize([{**r, "result": {**r["result"], "metrics": {"test/loss": r["result"]["metrics"]["test/accuracy"]}}}
+                         for r in split], metric="test/loss")
+    assert s.ci[0] < 0 and s.ci[1] > 1  # a loss has no such range
+
+
 def test_findings_suite_errors(tmp_path):
     from zoo.suite import cases, load_suite
 
@@ -207,6 +338,9 @@ def test_findings_suite_errors(tmp_path):
         load_suite(str(p))
     p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: []"))
     with pytest.raises(zoo.ZooConfigError, match=r"findings needs settings, lrs and seeds"):
+        load_suite(str(p))
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [2.0e-3]"))
+    with pytest.raises(zoo.ZooConfigError, match=r"extend_lrs must be distinct rates > 0 outside the grid \[0.001, 0.003\]"):
         load_suite(str(p))
     assert len(cases(load_suite("findings"))) > 0
 

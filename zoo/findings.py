@@ -59,6 +59,8 @@ class Summary:
     grid: dict[float, float] = field(default_factory=dict)  # lr -> validation accuracy of its tune run
     stale: int = 0  # seed runs made with another lr than today's choice (left out)
     floor: float | None = None  # accuracy without the task's skill (Task.floor), where above chance
+    bounds: tuple[float, float] = (0.0, 1.0)  # the metric's range: accuracies
+    edge: bool = False  # the chosen rate is the smallest or largest tried and its run did not converge
 
     @property
     def n(self) -> int:
@@ -74,11 +76,13 @@ class Summary:
 
     @property
     def ci(self) -> tuple[float, float]:
-        """95 % interval of the mean (Student t); a single run has none."""
+        """95 % interval of the mean (Student t) within the metric's range ``bounds`` (an accuracy
+        cannot leave [0, 1], however wide three split seeds make the t interval); a single run has
+        none."""
         if self.n < 2:
             return (math.nan, math.nan)
         half = t95(self.n - 1) * self.std / math.sqrt(self.n)
-        return (self.mean - half, self.mean + half)
+        return (max(self.bounds[0], self.mean - half), min(self.bounds[1], self.mean + half))
 
     @property
     def at_chance(self) -> bool:
@@ -102,6 +106,8 @@ class Summary:
             parts.append("AT CHANCE")
         if self.at_floor:
             parts.append(f"AT FLOOR {self.floor:.3f}")
+        if self.edge:
+            parts.append("LR AT EDGE")
         if self.stale:
             parts.append(f"{self.stale} stale seed run(s) left out")
         return ", ".join(parts) or "-"
@@ -139,12 +145,42 @@ def val_score(row: dict) -> tuple[float, float]:
     return (acc, -r.get("val_loss", math.inf))
 
 
+def lr_of(row: dict) -> float:
+    """The learning rate a findings run used (a seed row's case says 'best')."""
+    return row.get("lr", row["case"]["train"]["lr"])
+
+
+def tuning_rows(rows: list[dict]) -> list[dict]:
+    """The rows that choose the learning rate: the grid's and the extensions that ran."""
+    return [r for r in rows if r.get("case", {}).get("phase") in ("tune", "extend") and r.get("status") != "skipped"]
+
+
 def choose_lr(tune_rows: list[dict]) -> float | None:
     """The learning rate of the best tune run by validation, or None when none finished."""
-    ok = [r for r in tune_rows if r.get("status") == "ok"]
+    ok = [r for r in tuning_rows(tune_rows) if r.get("status") == "ok"]
     if not ok:
         return None
-    return max(ok, key=val_score)["case"]["train"]["lr"]
+    return lr_of(max(ok, key=val_score))
+
+
+def extension_needed(case: dict, tune_rows: list[dict]) -> str | None:
+    """Whether an extension case (a rate beyond the grid) must run, given the tune rows of its
+    mixer and setting so far: None when it must, else why not. It runs where the rates tried
+    chose their own edge on the case's side (the largest tried, for a rate above the grid) and
+    that run did not reach the validation target; a rate chosen at the edge is not tuned."""
+    ok = [r for r in tuning_rows(tune_rows) if r.get("status") == "ok"]
+    if not ok:
+        return "no finished tune run to extend"
+    best = max(ok, key=val_score)
+    lr, tried = case["train"]["lr"], sorted(lr_of(r) for r in ok)
+    edge = tried[-1] if lr > tried[-1] else tried[0] if lr < tried[0] else None
+    if edge is None:
+        return f"rate {lr:g} lies inside the rates tried ({', '.join(f'{x:g}' for x in tried)})"
+    if lr_of(best) != edge:
+        return f"the rates tried chose {lr_of(best):g}, not their edge {edge:g}"
+    if run_flags(best, case["train"].get("stop_at", 0.0)).get("converged"):
+        return f"the chosen rate {edge:g} reached the validation target"
+    return None
 
 
 def metric_of(metrics: dict, metric: str) -> float:
@@ -184,16 +220,19 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
         groups.setdefault((r["case"]["setting"], r["case"]["mixer"]), []).append(r)
     out = []
     for (setting, mixer), rs in sorted(groups.items()):
-        tune = [r for r in rs if r["case"]["phase"] == "tune"]
+        tune = tuning_rows(rs)
         lr = choose_lr(tune)
         case = rs[0]["case"]
-        chosen = [r for r in tune if r["case"]["train"]["lr"] == lr]
+        chosen = [r for r in tune if lr_of(r) == lr]
         seeds = [r for r in rs if r["case"]["phase"] == "seed"]
         current = [r for r in seeds if r.get("lr") == lr]
         runs = chosen + current
         s = Summary(setting, mixer, lr, [], chance=case.get("chance", 0.0), stale=len(seeds) - len(current),
-                    grid={r["case"]["train"]["lr"]: val_score(r)[0] for r in tune}, floor=task_floor(case))
+                    grid={lr_of(r): val_score(r)[0] for r in tune}, floor=task_floor(case),
+                    bounds=(0.0, 1.0) if metric.endswith("accuracy") else (-math.inf, math.inf))
         target = case["train"].get("stop_at", 0.0)
+        if chosen and len(s.grid) > 1 and lr in (min(s.grid), max(s.grid)):
+            s.edge = not run_flags(chosen[0], target).get("converged", False)
         for r in runs:
             for k, v in run_flags(r, target).items():
                 s.flags[k] = s.flags.get(k, 0) + int(v)

@@ -131,7 +131,10 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         lines += ["## Environment", "", "| | |", "|---|---|"]
         lines += [f"| {cell(k)} | {cell(v)} |" for k, v in env.items()]
         timed = any(r["case"]["kind"] in ("speed", "decode") for r in ok)
-        lines += ["", f"{len(ok)} of {len(rows)} cases ran"
+        skipped = sum(r.get("status") == "skipped" for r in rows)
+        lines += ["", f"{len(ok)} of {len(rows) - skipped} cases ran"
+                  + (f" ({skipped} more not needed: rates beyond the grid where the choice lay inside it)"
+                     if skipped else "")
                   + ("; times are medians of `torch.utils.benchmark` blocks and hold only for this machine; "
                      "ratios are the portable part." if timed else "; the environment is the first row's."), ""]
         lines += _where_section(ok)
@@ -142,7 +145,7 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
     lines += _extrapolation_section(rows)
     if SKIPPED:
         lines += [f"{len(SKIPPED)} unreadable line(s) in the results were skipped: {', '.join(SKIPPED[:20])}", ""]
-    failed = [r for r in rows if r.get("status") != "ok"]
+    failed = [r for r in rows if r.get("status") not in ("ok", "skipped")]
     if failed:
         lines += ["## Cases that did not finish", "", "| case | status | error |", "|---|---|---|"]
         for r in failed:
@@ -229,17 +232,24 @@ def _findings_section(rows, out_dir):
     summaries = fd.summarize(rows)
     c0 = frows[0]["case"]
     lrs = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "tune"})
+    beyond = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "extend"})
+    ran = sorted({fd.lr_of(r) for r in fd.tuning_rows(frows) if r["case"]["phase"] == "extend"})
     seeds = sorted({r["case"]["train"]["seed"] for r in frows})
     train = {k: v for k, v in c0["train"].items() if k not in ("lr", "seed", "data_seed")}
     lines = ["## Findings", "",
-             f"Protocol (zoo/findings.py): per mixer and setting, a learning-rate grid {lrs} on init seed {seeds[0]}, "
+             f"Protocol (zoo/findings.py): per mixer and setting, a learning-rate grid {lrs} on init seed {seeds[0]}"
+             + (f", extended by {beyond} (nearest first) where the rates tried chose their edge without reaching the "
+                f"validation target ({'run for some: ' + str(ran) if ran else 'none run so far'})" if beyond else "")
+             + ", "
              f"chosen on validation accuracy; the chosen rate rerun on init seeds "
              f"{seeds[1:] if seeds[1:] else '(none finished yet: these results are the tuning runs alone)'}; data seed "
              f"{c0['train'].get('data_seed')} for every run (same validation and test sets, fresh training batches). "
-             f"Test accuracy: mean, standard deviation and 95 % interval (Student t) over the seeds. Budget: "
+             f"Test accuracy: mean, standard deviation and 95 % interval (Student t, clipped to [0, 1]) over the "
+             "seeds. Budget: "
              f"{_kv(train)}; model: {_kv(c0.get('model', {}))}. Flags count runs: converged = reached the "
              f"validation target; still_improving = validation accuracy rose by more than {fd.IMPROVING} over the "
-             "last quarter of the run; AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level. "
+             "last quarter of the run; AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level; "
+             "LR AT EDGE = the chosen rate is the smallest or largest tried and its run did not converge (not tuned). "
              "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "
              "its own to the count less those wholly below (overlapping intervals are never ordered).", ""]
     by_setting = defaultdict(list)

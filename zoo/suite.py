@@ -79,6 +79,10 @@ class FindingsSpec:
     mixers: list[str] = field(default_factory=lambda: ["softmax", "linear", "mamba"])
     settings: dict[str, FindingsSetting] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    # rates beyond the grid, nearest first on each side: each is tried only where the rates tried
+    # so far chose their own edge on its side without reaching train.stop_at (a rate chosen at
+    # the grid's edge is not tuned); otherwise its row reads "skipped" and costs nothing
+    extend_lrs: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_seed: int = 0  # fixed: every run sees the same validation and test sets
     model: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +154,10 @@ class Suite:
             if any(lr <= 0 for lr in f.lrs) or len(set(f.seeds)) != len(f.seeds):
                 raise ZooConfigError(f"suite {self.name!r}: findings.lrs must be > 0 and findings.seeds distinct; "
                                      f"got lrs={f.lrs}, seeds={f.seeds}")
+            inside = [x for x in f.extend_lrs if x <= 0 or min(f.lrs) <= x <= max(f.lrs)]
+            if inside or len(set(f.extend_lrs)) != len(f.extend_lrs):
+                raise ZooConfigError(f"suite {self.name!r}: findings.extend_lrs must be distinct rates > 0 outside the "
+                                     f"grid [{min(f.lrs):g}, {max(f.lrs):g}] (they extend it); got {f.extend_lrs}")
             for key in ("lr", "seed", "data_seed"):
                 if key in f.train or any(key in st.train for st in f.settings.values()):
                     raise ZooConfigError(f"suite {self.name!r}: findings sets train.{key} itself (findings.lrs, "
@@ -253,9 +261,14 @@ def cases(suite: Suite) -> list[dict]:
 
 
 def _findings_cases(f: FindingsSpec) -> list[dict]:
-    """Tune cases (every lr, first seed) first, then seed cases (lr 'best': chosen from the tune
-    rows when the case starts, see zoo.sweep)."""
+    """Tune cases (every lr, first seed) first, then extension cases (a rate of extend_lrs, run
+    only where the choice sits at that edge: decided when the case starts, see zoo.sweep), then
+    seed cases (lr 'best': chosen from the tune and extension rows when the case starts)."""
     reg = default_registry()
+    up = sorted(x for x in f.extend_lrs if x > max(f.lrs))
+    down = sorted((x for x in f.extend_lrs if x < min(f.lrs)), reverse=True)
+    # nearest first on each side; "extend" k waits for the tune cases and extensions k' < k
+    beyond = sorted([(k + 1, x) for k, x in enumerate(up)] + [(k + 1, x) for k, x in enumerate(down)])
     tune, seeds = [], []
     for name, st in f.settings.items():
         task = reg.build_task(st.task, **st.args)
@@ -269,6 +282,10 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
             for lr in f.lrs:
                 train = {**_merge(f.train, st.train), "lr": lr, "seed": f.seeds[0], "data_seed": f.data_seed}
                 tune.append({**base, "phase": "tune", "train": train,
+                             "key": f"findings/{name}/{mixer}/lr={lr:g}/seed={f.seeds[0]}"})
+            for rank, lr in beyond:
+                train = {**_merge(f.train, st.train), "lr": lr, "seed": f.seeds[0], "data_seed": f.data_seed}
+                tune.append({**base, "phase": "extend", "extend": rank, "train": train,
                              "key": f"findings/{name}/{mixer}/lr={lr:g}/seed={f.seeds[0]}"})
             for seed in f.seeds[1:]:
                 train = {**_merge(f.train, st.train), "lr": "best", "seed": seed, "data_seed": f.data_seed}

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from zoo.errors import ZooConfigError
+from zoo.findings import choose_lr, extension_needed
 
 
 def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -220,9 +221,20 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
 
     def finished(c: dict) -> bool:  # same key *and* same settings: an edited suite reruns what it changed
         row = done.get(c["key"])
-        flagged = row is not None and (row.get("status") != "ok" or _contended(row))
+        flagged = row is not None and (row.get("status") not in ("ok", "skipped") or _contended(row))
         return (not redo(c["key"]) and row is not None and row.get("case") == json.loads(json.dumps(c))
-                and not (flagged and retry_failed))
+                and not (flagged and retry_failed) and current(c, row))
+
+    def current(c: dict, row: dict) -> bool:
+        """A seed row counts while its lr is today's choice and nothing of the tuning it was chosen
+        from is left to run (a rate beyond the grid may still change the choice)."""
+        if c.get("phase") != "seed":
+            return True
+        prefix = _tune_prefix(c)
+        if any(o["key"].startswith(prefix) and o.get("phase") in ("tune", "extend") and not finished(o)
+               for o in todo):
+            return False
+        return row.get("lr") == choose_lr([r for k, r in done.items() if k.startswith(prefix)])
 
     pending = [c for c in todo if not finished(c)]
     try:
@@ -252,6 +264,11 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                 run = resolve_best_lr(run, collect([out_dir]))
             except ZooConfigError as e:
                 return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
+        if case.get("phase") == "extend":  # a rate beyond the grid: only where the choice sits at its edge
+            prefix = _tune_prefix(case)
+            why = extension_needed(case, [r for r in collect([out_dir]) if r["key"].startswith(prefix)])
+            if why is not None:
+                return run, {"key": case["key"], "case": case, "status": "skipped", "reason": why, "wall_s": 0.0}
         return run, None
 
     def finish(case: dict, run: dict, row: dict) -> dict:
@@ -272,11 +289,23 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     if training:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        def blocked(c: dict) -> bool:  # a seed case waits for the tune cases of its mixer and setting
-            if c.get("phase") != "seed":
+        def blocked(c: dict) -> bool:
+            """A seed case waits for the tune and extension cases of its mixer and setting; an
+            extension case for the tune cases and the nearer extensions."""
+            if c.get("phase") not in ("seed", "extend"):
                 return False
-            prefix = f"findings/{c['setting']}/{c['mixer']}/lr="
-            return any(o["key"].startswith(prefix) for o in waiting + [case for case, _ in running.values()])
+            prefix = _tune_prefix(c)
+            return any(o["key"].startswith(prefix) and (c["phase"] == "seed" or o["phase"] == "tune"
+                                                         or o.get("extend", 0) < c["extend"])
+                       for o in waiting + [case for case, _ in running.values()])
+
+        def reusable(c: dict, run: dict) -> bool:
+            """A seed case left pending while its tuning might change the choice, whose row stands
+            because the choice did not change: nothing to run."""
+            row = done.get(c["key"])
+            return (c.get("phase") == "seed" and row is not None and not redo(c["key"]) and row.get("status") == "ok"
+                    and row.get("case") == json.loads(json.dumps(c)) and row.get("lr") == run["train"]["lr"]
+                    and not (retry_failed and _contended(row)))
 
         waiting, running = list(training), {}
         # a multi-GPU host: each parallel case gets a GPU of its own (CUDA_VISIBLE_DEVICES), at
@@ -290,12 +319,20 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             while waiting or running:
                 # a setting's seed cases go first once its tuning is done, so a sweep stopped
                 # part way has whole verdicts rather than every setting half-tuned
-                ready = sorted((c for c in waiting if not blocked(c)), key=lambda c: c.get("phase") != "seed")
-                for c in ready[: jobs - len(running)]:
+                order = {"seed": 0, "extend": 1}  # then tune: finish a setting before starting another
+                while len(running) < jobs:  # a case that needs no run (skipped, reused) frees its slot at once
+                    ready = sorted((c for c in waiting if not blocked(c)), key=lambda c: order.get(c.get("phase"), 2))
+                    if not ready:
+                        break
+                    c = ready[0]
                     waiting.remove(c)
                     run, error = start(c, jobs)
                     if error:
                         record(c, error)
+                        continue
+                    if reusable(c, run):
+                        if bar is not None:
+                            bar.update(1)
                         continue
                     if gpus > 1:
                         run["visible_devices"] = str(free.pop(0))
@@ -402,7 +439,9 @@ def _contended(row: dict) -> bool:
 
 def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
     """(key, status) of every case of the suite against the results in out_dir, without running
-    anything: pending, changed (a row with other settings), ok, contended, or the row's status."""
+    anything: pending, changed (a row with other settings), stale (a seed run made with another
+    lr than the tuning now chooses), ok, contended, or the row's status (skipped: a rate beyond
+    the findings grid that was not needed)."""
     from zoo.suite import cases
 
     done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)} if out_dir.is_dir() else {}
@@ -413,6 +452,9 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], "pending"))
         elif row.get("case") != json.loads(json.dumps(c)):
             out.append((c["key"], "changed"))
+        elif c.get("phase") == "seed" and row.get("status") == "ok" and row.get("lr") != (
+                lr := choose_lr([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
+            out.append((c["key"], f"stale (lr {row.get('lr')}; the tuning now chooses {lr})"))
         else:
             out.append((c["key"], "contended" if _contended(row) else str(row.get("status"))))
     return out
@@ -513,13 +555,15 @@ def _state_bytes(cfg) -> int | None:
     return state_nbytes(state[1:])  # the mixers' states (not the position counter)
 
 
+def _tune_prefix(case: dict) -> str:
+    """The key prefix of a findings case's tune and extension cases (its mixer and setting)."""
+    return f"findings/{case['setting']}/{case['mixer']}/lr="
+
+
 def resolve_best_lr(case: dict, rows: list[dict]) -> dict:
     """A seed case of the findings protocol with lr 'best' replaced by the tune runs' choice."""
-    from zoo.findings import choose_lr
-
-    prefix = f"findings/{case['setting']}/{case['mixer']}/lr="
-    tune = [r for r in rows if r["key"].startswith(prefix) and r.get("case", {}).get("phase") == "tune"]
-    lr = choose_lr(tune)
+    prefix = _tune_prefix(case)
+    lr = choose_lr([r for r in rows if r["key"].startswith(prefix)])
     if lr is None:
         raise ZooConfigError(f"{case['key']}: no finished tune run of {case['mixer']} on {case['setting']} to choose "
                              "the learning rate from (tune cases run first; rerun the suite)")
