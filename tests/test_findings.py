@@ -267,7 +267,8 @@ def test_a_choice_that_moves_reruns_its_seed_runs_and_one_that_stays_keeps_them(
               runner=_scripted(first, lambda m, lr: curve[m][lr]))
     assert len(first) == 6
     p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-2]"))
-    assert dict(case_status(load_suite(str(p)), tmp_path / "out"))["findings/p1/softmax/best/seed=1"] == "ok"
+    assert dict(case_status(load_suite(str(p)), tmp_path / "out"))["findings/p1/softmax/best/seed=1"] == (
+        "ok (a rate beyond the grid may still change its lr)")
     second = []
     run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
               runner=_scripted(second, lambda m, lr: curve[m][lr]))
@@ -305,6 +306,27 @@ def test_a_case_that_needs_no_run_does_not_hold_a_slot(tmp_path):
 
     run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=2, runner=runner)
     assert waited == [True]
+
+
+def test_an_extension_not_needed_is_settled_before_runs_that_come_first(tmp_path):
+    """A skipped extension unblocks its setting's seed runs: it is settled as soon as its tuning
+    is done, not when its place in the queue comes (after every other extension's run)."""
+    from zoo.suite import load_suite
+    from zoo.sweep import run_suite
+
+    p = tmp_path / "ext.yaml"
+    p.write_text(TINY)
+    # softmax rises with the rate (its extension runs); linear converges (its extension is skipped)
+    curve = {"softmax": {1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5}, "linear": {1e-3: 0.995, 3e-3: 0.5, 1e-2: 0.5}}
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, runner=_scripted([], lambda m, lr: curve[m][lr]))
+    # then both extensions are ready at once, softmax's first in the queue, and a third seed waits
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-2]").replace(
+        "seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    order = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
+              runner=_scripted(order, lambda m, lr: curve[m][lr]))
+    assert [k for k, _ in order] == ["findings/p1/linear/best/seed=2", "findings/p1/softmax/lr=0.01/seed=0",
+                                     "findings/p1/softmax/best/seed=1", "findings/p1/softmax/best/seed=2"], order
 
 
 def test_extension_rule_and_intervals_within_the_metric_range():

@@ -321,6 +321,13 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                 # part way has whole verdicts rather than every setting half-tuned
                 order = {"seed": 0, "extend": 1}  # then tune: finish a setting before starting another
                 while len(running) < jobs:  # a case that needs no run (skipped, reused) frees its slot at once
+                    # extension cases that turn out not to be needed are settled first, whatever
+                    # their place: their rows cost nothing and unblock their setting's seed runs
+                    for c in [c for c in waiting if c.get("phase") == "extend" and not blocked(c)]:
+                        run, error = start(c, jobs)
+                        if error:
+                            waiting.remove(c)
+                            record(c, error)
                     ready = sorted((c for c in waiting if not blocked(c)), key=lambda c: order.get(c.get("phase"), 2))
                     if not ready:
                         break
@@ -446,7 +453,9 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
 
     done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)} if out_dir.is_dir() else {}
     out = []
-    for c in cases(suite):
+    todo = cases(suite)
+    open_ext = {_tune_prefix(c) for c in todo if c.get("phase") == "extend" and c["key"] not in done}
+    for c in todo:
         row = done.get(c["key"])
         if row is None:
             out.append((c["key"], "pending"))
@@ -455,6 +464,8 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
         elif c.get("phase") == "seed" and row.get("status") == "ok" and row.get("lr") != (
                 lr := choose_lr([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
             out.append((c["key"], f"stale (lr {row.get('lr')}; the tuning now chooses {lr})"))
+        elif c.get("phase") == "seed" and _tune_prefix(c) in open_ext:
+            out.append((c["key"], f"{row.get('status')} (a rate beyond the grid may still change its lr)"))
         else:
             out.append((c["key"], "contended" if _contended(row) else str(row.get("status"))))
     return out
