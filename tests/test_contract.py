@@ -188,3 +188,40 @@ def test_degenerate_sizes_are_configuration_errors(name, kwargs, message):
 def test_negative_d_model_is_a_configuration_error(name):
     with pytest.raises(zoo.ZooConfigError, match=r"d_model"):
         zoo.build_mixer(name, -4)
+
+
+# every mixer of the linear-attention family takes the short convolution; each here with the
+# other setting than its registry entry (which the tests above cover)
+CONV_VARIANTS = [("linear", 3), ("gla", 3), ("retnet", 2), ("deltanet", 0), ("gated_deltanet", 0)]
+
+
+@pytest.mark.parametrize("name,k", CONV_VARIANTS)
+def test_short_conv_either_way_keeps_the_contract(name, k):
+    """With and without the short convolution: step equals forward, a state stepped twice
+    branches, the past is bit-identical when only the future changes, and the fast backend
+    equals the reference."""
+    m = build_tiny(name, short_conv=k).double()
+    assert m.short_conv == k and hasattr(m, "conv") == bool(k)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    y = m(x)
+    ys, s = decode(m, x[:, :20])
+    torch.testing.assert_close(ys, y[:, :20], rtol=1e-9, atol=1e-9)
+    ya, _ = m.step(x[:, 20], s)
+    m.step(-x[:, 20], s)  # another branch from the same state
+    ya_again, _ = m.step(x[:, 20], s)
+    torch.testing.assert_close(ya_again, ya, rtol=0, atol=0)
+    torch.testing.assert_close(ya, y[:, 20], rtol=1e-9, atol=1e-9)
+    for t in (0, 2, 15, T - 2):
+        x2 = x.clone()
+        x2[:, t + 1 :] = 1e4 * torch.randn_like(x2[:, t + 1 :])
+        assert torch.equal(m(x2)[:, : t + 1], y[:, : t + 1]), f"changing inputs after {t} changed the past"
+    ref = build_tiny(name, short_conv=k, backend="reference").double()
+    ref.load_state_dict(m.state_dict())
+    torch.testing.assert_close(ref(x), y, rtol=1e-9, atol=1e-9)
+
+
+def test_short_conv_is_refused_where_it_has_no_meaning():
+    with pytest.raises(zoo.ZooConfigError, match=r"sequence mixer 'softmax': unknown hyper-parameter 'short_conv'"):
+        zoo.build_mixer("softmax", D_MODEL, short_conv=4)
+    with pytest.raises(zoo.ZooConfigError, match=r"needs short_conv to be integers >= 0; got short_conv=-1"):
+        zoo.build_mixer("gla", D_MODEL, short_conv=-1)

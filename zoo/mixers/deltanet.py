@@ -69,9 +69,12 @@ class DeltaNet(MatrixStateAttention):
         g = -torch.exp(self.A_log) * F.softplus(self.alpha_proj(x) + self.dt_bias)
         return beta, g.transpose(1, 2)
 
-    def project(self, x: torch.Tensor, start: int = 0):
-        q, k, v = super().project(x, start)
-        return F.normalize(F.silu(q), dim=-1), F.normalize(F.silu(k), dim=-1), v
+    def split(self, h: torch.Tensor, start: int = 0):
+        """Unit-norm keys and queries after a SiLU (the short convolution's, where there is one)."""
+        q, k, v = super().split(h, start)
+        if not self.short_conv:
+            q, k = F.silu(q), F.silu(k)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         q, k, v = self.project(x)
@@ -149,6 +152,7 @@ class DeltaNet(MatrixStateAttention):
         proj = 2 * batch * length * self.d_model * (width * 5 + H * (2 if self.gated else 1))
         if length == 0:
             return proj
+        proj += self.conv_flops(batch, length)
         c, d = min(self.chunk, length), self.head_dim
         n = math.ceil(length / c)
         core = 2 * batch * H * n * (6 * c * c * d + c * c * c + 4 * c * d * d)
@@ -174,10 +178,10 @@ class DeltaNet(MatrixStateAttention):
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x_t (B, d) -> (B, d); a new state (the one given is not changed)."""
         n, x = state["length"], x_t[:, None]
-        q, k, v = self.project(x, start=n)  # (B, H, 1, hd)
+        q, k, v, conv = self.project_step(x_t, state, start=n)  # (B, H, 1, hd)
         beta, log_alpha = self.coefficients(x)
         S = self.update(state["S"], k[:, :, 0], v[:, :, 0], beta[:, :, 0], log_alpha[:, :, 0])
-        return self.finish(x, (q * self.scale) @ S)[:, 0], {"S": S, "length": n + 1}
+        return self.finish(x, (q * self.scale) @ S)[:, 0], {"S": S, "length": n + 1, **conv}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gated={self.gated}, chunk={self.chunk}"

@@ -111,7 +111,7 @@ class GatedLinearAttention(MatrixStateAttention):
         width = self.n_heads * self.head_dim
         rank = self.gate_down.out_features
         proj = 2 * batch * length * (self.d_model * width * 5 + self.d_model * rank + rank * width)
-        return proj + self.chunkwise_flops(batch, length)
+        return proj + self.chunkwise_flops(batch, length) + self.conv_flops(batch, length)
 
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v, log_alpha):
@@ -122,10 +122,10 @@ class GatedLinearAttention(MatrixStateAttention):
         """x_t (B, d) -> (B, d); a new state (the one given is not changed)."""
         n = state["length"]
         x = x_t[:, None]
-        q, k, v = self.project(x, start=n)  # (B, H, 1, hd)
+        q, k, v, conv = self.project_step(x_t, state, start=n)  # (B, H, 1, hd)
         alpha = torch.exp(self.log_gates(x))[:, :, 0, :, None]  # (B, H, dk, 1)
         S = alpha * state["S"] + (k * self.scale).transpose(-2, -1) @ v
-        return self.finish(x, q @ S)[:, 0], {"S": S, "length": n + 1}
+        return self.finish(x, q @ S)[:, 0], {"S": S, "length": n + 1, **conv}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk={self.chunk}, gate_temperature={self.gate_temperature}"

@@ -15,10 +15,9 @@ Decode: the recurrent form, state (S, z) of size H * d * (d + 1), independent of
 
 ``short_conv`` k > 0 (the registry's ``linear_conv``: k = 4) runs a causal depthwise
 convolution of k taps and a SiLU over the q, k and v projections before the feature map, as
-Based (Arora et al. 2024) and flash-linear-attention's layers (``use_short_conv``) do: each
-position gets its predecessors, which binding a key to the value after it needs (without it,
-linear attention sits at mqar's floor; bench/experiments/short_conv). Decoding then also keeps
-the last k - 1 projections.
+Based (Arora et al. 2024) does (``zoo.nn.attention.ShortConvAttention``): without it, linear
+attention sits at mqar's floor (bench/experiments/short_conv). Decoding then also keeps the
+last k - 1 projections.
 """
 
 from __future__ import annotations
@@ -27,12 +26,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from zoo.contract import implements
 from zoo.errors import at_least, unknown
-from zoo.nn.attention import AttentionMixer
+from zoo.nn.attention import ShortConvAttention
 
 FEATURE_MAPS = {
     "elu": lambda x: F.elu(x).add_(1.0),  # in place: elu saves its input, not its output
@@ -94,35 +92,21 @@ class CausalChunked(torch.autograd.Function):
         return gq.view(shape), gk.view(shape), gv.view(shape), None, None
 
 
-class LinearAttention(AttentionMixer):
+class LinearAttention(ShortConvAttention):
     AUTO_ORDER = ("torch",)
     IN_ATTENTION = ()  # no scores to bias (alibi); rope would break the feature map's positivity
 
     def __init__(self, d_model: int, *, causal: bool, feature_map: str = "elu", chunk: int = 64,
-                 eps: float = 1e-6, short_conv: int = 0, **attention):
+                 eps: float = 1e-6, **attention):
         super().__init__(d_model, causal=causal, **attention)
         at_least("linear attention", 1, chunk=chunk)
-        at_least("linear attention", 0, short_conv=short_conv)
         if feature_map not in FEATURE_MAPS:
             raise unknown("feature_map of linear attention", feature_map, FEATURE_MAPS)
         self.feature_map, self.phi = feature_map, FEATURE_MAPS[feature_map]
-        self.chunk, self.eps, self.short_conv = chunk, eps, short_conv
-        if short_conv:
-            width = 3 * self.n_heads * self.head_dim
-            self.conv = nn.Conv1d(width, width, short_conv, groups=width)
-
-    def project(self, x: torch.Tensor, start: int = 0):
-        if not self.short_conv or x.shape[1] == 0:  # no positions: nothing to convolve (empty q, k, v)
-            return super().project(x, start)
-        B, T, _ = x.shape
-        k = self.short_conv
-        pad = (k - 1, 0) if self.causal else ((k - 1) // 2, k // 2)
-        h = F.silu(self.conv(F.pad(self.qkv(x).transpose(1, 2), pad))).transpose(1, 2)
-        return h.reshape(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        self.chunk, self.eps = chunk, eps
 
     def flops(self, batch: int, length: int) -> int | None:
-        conv = 2 * batch * length * self.conv.in_channels * self.short_conv if self.short_conv else 0
-        return super().flops(batch, length) + conv  # the depthwise conv, as FlopCounterMode counts it
+        return super().flops(batch, length) + self.conv_flops(batch, length)
 
     @implements("reference", op="attend")
     def attend_reference(self, q, k, v):
@@ -167,20 +151,11 @@ class LinearAttention(AttentionMixer):
         w = self.qkv.weight
         kw = {"device": device or w.device, "dtype": dtype or w.dtype}
         H, d = self.n_heads, self.head_dim
-        state = {"S": torch.zeros(batch, H, d, d, **kw), "z": torch.zeros(batch, H, d, **kw)}
-        if self.short_conv:  # the last short_conv - 1 projections
-            state["conv"] = torch.zeros(batch, 3 * H * d, self.short_conv - 1, **kw)
-        return state
+        return {"S": torch.zeros(batch, H, d, d, **kw), "z": torch.zeros(batch, H, d, **kw),
+                **self.conv_state(batch, device, dtype)}
 
     def step(self, x_t, state):
-        new = {}
-        if self.short_conv:
-            window = torch.cat((state["conv"], self.qkv(x_t)[:, :, None]), dim=2)  # (B, 3Hd, k)
-            h = F.silu((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)
-            q, k, v = h.view(x_t.shape[0], 3, self.n_heads, 1, self.head_dim).unbind(1)
-            new["conv"] = window[:, :, 1:]
-        else:
-            q, k, v = self.project(x_t[:, None])  # (B, H, 1, d)
+        q, k, v, new = self.project_step(x_t, state)  # (B, H, 1, d)
         q, k = self.phi(q), self.phi(k)
         S = state["S"] + k.transpose(-2, -1) @ v  # (B, H, d, dv)
         z = state["z"] + k[:, :, 0]
@@ -188,5 +163,4 @@ class LinearAttention(AttentionMixer):
         return self.merge(y)[:, 0], {"S": S, "z": z, **new}
 
     def extra_repr(self) -> str:
-        conv = f", short_conv={self.short_conv}" if self.short_conv else ""
-        return f"{super().extra_repr()}, feature_map={self.feature_map!r}, chunk={self.chunk}{conv}"
+        return f"{super().extra_repr()}, feature_map={self.feature_map!r}, chunk={self.chunk}"

@@ -99,7 +99,8 @@ class RetNet(MatrixStateAttention):
         (the length padded to whole chunks): Q K^T and its product with V inside each chunk,
         each chunk's K^T V, and Q times the carried state."""
         width = self.n_heads * self.head_dim
-        return 2 * batch * length * self.d_model * width * 5 + self.chunkwise_flops(batch, length)
+        return (2 * batch * length * self.d_model * width * 5 + self.chunkwise_flops(batch, length)
+                + self.conv_flops(batch, length))
 
     @implements("fla", op="attend", package="fla", extra="gpu", devices=("cuda",))
     def attend_fla(self, q, k, v):
@@ -111,10 +112,10 @@ class RetNet(MatrixStateAttention):
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x_t (B, d) -> (B, d); a new state (the one given is not changed)."""
         n = state["length"]
-        q, k, v = self.project(x_t[:, None], start=n)  # (B, H, 1, hd)
+        q, k, v, conv = self.project_step(x_t, state, start=n)  # (B, H, 1, hd)
         gamma = torch.exp(self.log_decay).to(q.dtype)[:, None, None]
         S = gamma * state["S"] + (k * self.scale).transpose(-2, -1) @ v
-        return self.finish(x_t[:, None], q @ S)[:, 0], {"S": S, "length": n + 1}
+        return self.finish(x_t[:, None], q @ S)[:, 0], {"S": S, "length": n + 1, **conv}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk={self.chunk}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zoo.contract import SequenceMixer
@@ -86,8 +87,13 @@ class AttentionMixer(SequenceMixer):
     # -- projections ---------------------------------------------------------------------
     def project(self, x: torch.Tensor, start: int = 0):
         """(B, T, d) -> q, k, v each (B, H, T, hd), RoPE applied from position ``start``."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.split(self.qkv(x), start)
+
+    def split(self, h: torch.Tensor, start: int = 0):
+        """The joint projection h (B, T, 3 H hd) -> q, k, v each (B, H, T, hd), RoPE applied from
+        position ``start``."""
+        B, T, _ = h.shape
+        q, k, v = h.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         return q, k, v
@@ -151,7 +157,57 @@ class AttentionMixer(SequenceMixer):
 
 
 
-class MatrixStateAttention(AttentionMixer):
+class ShortConvAttention(AttentionMixer):
+    """Attention with an optional short convolution: ``short_conv`` k > 0 runs a depthwise
+    convolution of k taps (causal: over the position and its k - 1 predecessors) and a SiLU
+    over the joint q, k, v projection, as Based (Arora et al. 2024), DeltaNet (Yang et al.
+    2024) and flash-linear-attention's layers (``use_short_conv``) do. Each position then
+    carries its predecessors, which binding a key to the value after it needs: without it,
+    linear attention sits at mqar's floor (bench/experiments/short_conv). Decoding keeps the
+    last k - 1 projections (``conv_state``, ``project_step``)."""
+
+    def __init__(self, d_model: int, *, short_conv: int = 0, **attention):
+        super().__init__(d_model, **attention)
+        at_least(type(self).__name__, 0, short_conv=short_conv)
+        self.short_conv = short_conv
+        if short_conv:
+            width = 3 * self.n_heads * self.head_dim
+            self.conv = nn.Conv1d(width, width, short_conv, groups=width)
+
+    def project(self, x: torch.Tensor, start: int = 0):
+        if not self.short_conv or x.shape[1] == 0:  # no positions: nothing to convolve (empty q, k, v)
+            return super().project(x, start)
+        k = self.short_conv
+        pad = (k - 1, 0) if self.causal else ((k - 1) // 2, k // 2)
+        h = F.silu(self.conv(F.pad(self.qkv(x).transpose(1, 2), pad))).transpose(1, 2)
+        return self.split(h, start)
+
+    def project_step(self, x_t: torch.Tensor, state: dict, start: int = 0):
+        """q, k, v (B, H, 1, hd) of one position x_t (B, d), and what the state carries for the
+        convolution next ({} without one); ``state`` is not changed."""
+        if not self.short_conv:
+            return (*self.project(x_t[:, None], start), {})
+        window = torch.cat((state["conv"], self.qkv(x_t)[:, :, None]), dim=2)  # (B, 3 H hd, k)
+        h = F.silu((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)
+        return (*self.split(h[:, None], start), {"conv": window[:, :, 1:]})
+
+    def conv_state(self, batch: int, device=None, dtype=None) -> dict:
+        """The convolution's part of a decode state: the last k - 1 projections (zeros: none yet)."""
+        if not self.short_conv:
+            return {}
+        w = self.qkv.weight
+        return {"conv": torch.zeros(batch, self.conv.in_channels, self.short_conv - 1,
+                                    device=device or w.device, dtype=dtype or w.dtype)}
+
+    def conv_flops(self, batch: int, length: int) -> int:
+        """The depthwise convolution, as FlopCounterMode counts it (a multiply-add per tap)."""
+        return 2 * batch * length * self.conv.in_channels * self.short_conv if self.short_conv else 0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", short_conv={self.short_conv}" if self.short_conv else "")
+
+
+class MatrixStateAttention(ShortConvAttention):
     """Base of the linear-attention family that decodes with a d_k x d_v state per head
     (RetNet, GLA, DeltaNet): the state and the chunk-to-chunk carry their chunkwise forms share."""
 
@@ -167,7 +223,8 @@ class MatrixStateAttention(AttentionMixer):
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         w = self.qkv.weight
         shape = (batch, self.n_heads, self.head_dim, self.head_dim)
-        return {"S": torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype), "length": 0}
+        return {"S": torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype), "length": 0,
+                **self.conv_state(batch, device, dtype)}
 
     @staticmethod
     def carry(added: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
