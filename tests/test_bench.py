@@ -127,6 +127,32 @@ def test_an_edited_suite_reruns_only_the_cases_it_changed(tmp_path):
     assert latest["speed/swiglu/forward/T=8"]["case"]["args"] == {"hidden": 24}
 
 
+def test_an_edited_registry_entry_reruns_the_cases_of_its_mixer(tmp_path, monkeypatch):
+    """A case names its mixer; what the name means lives in the registry. A row made before the
+    entry's defaults changed measured another mixer, so the sweep reruns it, and --list says why."""
+    from zoo.registry import default_registry
+    from zoo.sweep import case_status
+
+    ran = []
+
+    def runner(case, timeout):
+        ran.append(case["key"])
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0, "result": {}}
+
+    suite = load_suite(str(write(tmp_path, "s.yaml", "speed: {mixers: [mlp, swiglu], lengths: [8], modes: [forward], "
+                                                      "d_model: 8}")))
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False, runner=runner)
+    assert len(ran) == 2 and all(r["mixer_entry"]["class"] for r in read_rows(out / "results.jsonl"))
+    run_suite(suite, out, progress=False, runner=runner)
+    assert len(ran) == 2  # nothing changed: nothing reruns
+    monkeypatch.setitem(default_registry().mixer("swiglu").defaults, "hidden", 24)
+    assert dict(case_status(suite, out))["speed/swiglu/forward/T=8"] == "changed (the registry entry of 'swiglu')"
+    run_suite(suite, out, progress=False, runner=runner)
+    assert ran[2:] == ["speed/swiglu/forward/T=8"]
+    assert read_rows(out / "results.jsonl")[-1]["mixer_entry"]["defaults"]["hidden"] == 24
+
+
 def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
     suite = load_suite(str(write(tmp_path, "s.yaml",
                                  "speed: {mixers: [mlp, swiglu], lengths: [8, 16], modes: [forward], d_model: 8}")))

@@ -223,7 +223,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         row = done.get(c["key"])
         flagged = row is not None and (row.get("status") not in ("ok", "skipped") or _contended(row))
         return (not redo(c["key"]) and row is not None and row.get("case") == json.loads(json.dumps(c))
-                and not (flagged and retry_failed) and current(c, row))
+                and not (flagged and retry_failed) and current(c, row) and not _entry_changed(c, row))
 
     def current(c: dict, row: dict) -> bool:
         """A seed row counts while its lr is today's choice and nothing of the tuning it was chosen
@@ -273,6 +273,9 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
 
     def finish(case: dict, run: dict, row: dict) -> dict:
         row["case"] = case  # as the suite states it (resume compares this)
+        entry = mixer_entry(case)
+        if entry is not None:  # and what its mixer's name meant when it ran (resume compares this too)
+            row["mixer_entry"] = entry
         row["threads"] = run["threads"]
         if "visible_devices" in run:
             row["visible_devices"] = run["visible_devices"]
@@ -446,7 +449,8 @@ def _contended(row: dict) -> bool:
 
 def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
     """(key, status) of every case of the suite against the results in out_dir, without running
-    anything: pending, changed (a row with other settings), stale (a seed run made with another
+    anything: pending, changed (a row with other settings, or made before its mixer's registry
+    entry changed), stale (a seed run made with another
     lr than the tuning now chooses), ok, contended, or the row's status (skipped: a rate beyond
     the findings grid that was not needed)."""
     from zoo.suite import cases
@@ -461,6 +465,8 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], "pending"))
         elif row.get("case") != json.loads(json.dumps(c)):
             out.append((c["key"], "changed"))
+        elif _entry_changed(c, row):
+            out.append((c["key"], f"changed (the registry entry of {c['mixer']!r})"))
         elif c.get("phase") == "seed" and row.get("status") == "ok" and row.get("lr") != (
                 lr := choose_lr([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
             out.append((c["key"], f"stale (lr {row.get('lr')}; the tuning now chooses {lr})"))
@@ -564,6 +570,25 @@ def _state_bytes(cfg) -> int | None:
     except ZooConfigError:
         return None
     return state_nbytes(state[1:])  # the mixers' states (not the position counter)
+
+
+def mixer_entry(case: dict) -> dict | None:
+    """What a case's mixer name means beyond the case: its registry entry's class and defaults.
+    A row made before a registry edit (a default changed, another class) measured another
+    mixer; the sweep reruns it. None where the case names no registered mixer."""
+    from zoo.registry import default_registry
+
+    try:
+        e = default_registry().mixer(case["mixer"])
+    except Exception:
+        return None
+    return json.loads(json.dumps({"class": e.class_path, "defaults": e.defaults}))
+
+
+def _entry_changed(case: dict, row: dict) -> bool:
+    """The row recorded its mixer's registry entry and the entry is another now (rows from before
+    rows recorded it cannot tell, and stand)."""
+    return "mixer_entry" in row and row["mixer_entry"] != mixer_entry(case)
 
 
 def _tune_prefix(case: dict) -> str:
