@@ -351,6 +351,46 @@ def test_extension_rule_and_intervals_within_the_metric_range():
     assert s.ci[0] < 0 and s.ci[1] > 1  # a loss has no such range
 
 
+@pytest.mark.parametrize("name", ["findings", "zoology"])
+def test_every_claim_names_settings_and_mixers_its_suite_runs(name):
+    """A claim whose setting or mixer the suite does not run can only read inconclusive: a typo
+    in a claims file would hide a verdict for good."""
+    from zoo.suite import SUITES_DIR, builtin_suites, cases, load_suite
+
+    assert name in builtin_suites() and not any(n.startswith("claims") for n in builtin_suites())
+    suite = load_suite(name)
+    ran = {(c["setting"], c["mixer"]) for c in cases(suite)}
+    claims = fd.load_claims(SUITES_DIR / suite.findings.claims)
+    assert claims
+    for claim in claims:
+        rule = claim.rule
+        settings = rule.get("settings") or [rule["setting"]]
+        mixers = rule.get("mixers") or [rule["mixer"]] + ([rule["other"]] if "other" in rule else [])
+        for setting in settings:
+            for mixer in mixers:
+                assert (setting, mixer) in ran, f"{claim.name}: {mixer} @ {setting} is not in suite {name}"
+
+
+def test_the_zoology_grid_is_the_figure():
+    """Zoology's Fig. 2: four (length, pairs) settings at three widths, its lr grid, one width
+    panel per length in the plot."""
+    from zoo.report import findings_panels
+    from zoo.suite import cases, load_suite
+
+    cs = cases(load_suite("zoology"))
+    assert len(cs) == 12 * 4 * (4 + 2)  # settings x mixers x (rates + seed runs)
+    lengths = {(c["task_args"]["seq_len"], c["task_args"]["n_pairs"]) for c in cs}
+    assert lengths == {(64, 4), (128, 8), (256, 16), (512, 64)}
+    assert {c["model"]["d_model"] for c in cs} == {64, 128, 256}
+    assert all(c["task_args"]["vocab"] == 8192 for c in cs)
+    assert sorted({c["train"]["lr"] for c in cs if c["phase"] == "tune"}) == pytest.approx(
+        [1e-4, 4.6416e-4, 2.1544e-3, 1e-2], rel=1e-4)
+    tasks = {c["setting"]: (c["task"], c["task_args"], c["model"]) for c in cs}
+    summaries = [fd.Summary(setting=st, mixer="m", lr=1e-3, values=[0.5], chance=0.0) for st in tasks]
+    panels = findings_panels(summaries, tasks)
+    assert [(x, len(ss)) for _, x, ss, _ in panels] == [("model.d_model", 3)] * 4
+
+
 def test_findings_suite_errors(tmp_path):
     from zoo.suite import cases, load_suite
 

@@ -167,13 +167,19 @@ class Suite:
                 raise ZooConfigError(f"suite {self.name!r}: {key} must be a non-empty list of positive lengths")
 
 
+def builtin_suites() -> list[str]:
+    """The names of the built-in suites (zoo/suites/*.yaml; the claims files beside them are not
+    suites)."""
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml") if not p.stem.startswith("claims"))
+
+
 def load_suite(name_or_path: str, quick: bool = False) -> Suite:
     """A built-in suite by name or a suite file by path; ``quick`` applies its ``quick`` overrides."""
     path = Path(name_or_path)
     if not path.suffix:
         path = SUITES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            builtin = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+            builtin = builtin_suites()
             from zoo.errors import unknown
             raise unknown("suite", name_or_path, builtin)
     data = read_yaml(path, "suite file") or {}
