@@ -142,8 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_suite(suite, out, shard=args.shard, retry_failed=args.retry_failed, rerun=args.rerun,
                         progress=not args.no_progress, command=command, jobs=args.jobs, runner=runner)
     rows = collect([results])
-    failed = [r for r in rows if r.get("status") != "ok"]
-    print(f"{len(rows) - len(failed)} cases ok, {len(failed)} did not finish; results in {results}")
+    failed = [r for r in rows if r.get("status") not in ("ok", "skipped")]
+    skipped = sum(r.get("status") == "skipped" for r in rows)
+    print(f"{len(rows) - len(failed) - skipped} cases ok, {len(failed)} did not finish"
+          + (f", {skipped} not needed (rates beyond the grid)" if skipped else "") + f"; results in {results}")
     if args.shard and args.shard != "0/1":
         print(f"shard done; merge with: zoo report {out}")
         return 0
