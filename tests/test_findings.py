@@ -329,6 +329,26 @@ def test_an_extension_not_needed_is_settled_before_runs_that_come_first(tmp_path
                                      "findings/p1/softmax/best/seed=1", "findings/p1/softmax/best/seed=2"], order
 
 
+def test_shards_hold_a_findings_mixer_and_setting_whole(tmp_path):
+    """Two shards into one folder: each runs whole mixers (tune, extension, seeds), so no seed
+    run chooses its rate, and no extension decides, from tuning another shard has not finished."""
+    from zoo.suite import load_suite
+    from zoo.sweep import collect, run_suite
+
+    p = tmp_path / "ext.yaml"
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-2]"))
+    curve = {"softmax": {1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5}, "linear": {1e-3: 0.5, 3e-3: 0.3, 1e-2: 0.1}}
+    ran = {}
+    for shard in ("0/2", "1/2"):
+        ran[shard] = []
+        run_suite(load_suite(str(p)), tmp_path / "out", shard=shard, progress=False, jobs=1,
+                  runner=_scripted(ran[shard], lambda m, lr: curve[m][lr]))
+    assert {k.split("/")[2] for k, _ in ran["0/2"]} == {"softmax"}
+    assert {k.split("/")[2] for k, _ in ran["1/2"]} == {"linear"}
+    rows = {r["key"]: r for r in collect([tmp_path / "out"])}
+    assert rows["findings/p1/softmax/best/seed=1"]["lr"] == 1e-2 and rows["findings/p1/linear/best/seed=1"]["lr"] == 1e-3
+
+
 def test_extension_rule_and_intervals_within_the_metric_range():
     grid = [row("s", "m", 1e-3, 0, 0.5), row("s", "m", 3e-3, 0, 0.7)]
     up = {"train": {"lr": 1e-2, "stop_at": 0.99}}

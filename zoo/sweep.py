@@ -214,7 +214,8 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             append_row_text(results, "\n")
     # every results file of the folder, shards included; the row finished last wins, as in the report
     done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)}
-    todo = [c for k, c in enumerate(cases(suite)) if k % n == i]
+    every = cases(suite)
+    todo = [c for c, g in zip(every, _shard_groups(every), strict=True) if g % n == i]
 
     def redo(key: str) -> bool:  # --rerun: every case, or those whose key matches the pattern
         return rerun is True or (isinstance(rerun, str) and fnmatch.fnmatchcase(key, rerun))
@@ -589,6 +590,16 @@ def _entry_changed(case: dict, row: dict) -> bool:
     """The row recorded its mixer's registry entry and the entry is another now (rows from before
     rows recorded it cannot tell, and stand)."""
     return "mixer_entry" in row and row["mixer_entry"] != mixer_entry(case)
+
+
+def _shard_groups(cases: list[dict]) -> list[int]:
+    """Each case's group for ``--shard``: its own index, except that a findings mixer and setting
+    (tune, extension and seed cases) is one group, so one shard holds it whole: a seed run
+    chooses its rate, and an extension decides whether it runs, from tune runs another shard
+    might not have finished."""
+    groups: dict[str, int] = {}
+    return [groups.setdefault(_tune_prefix(c) if c.get("kind") == "findings" else c["key"], len(groups))
+            for c in cases]
 
 
 def _tune_prefix(case: dict) -> str:
