@@ -23,7 +23,8 @@ CASES = [
     ("linear", {"causal": True, "chunk": 16}), ("linear", {"causal": False}),
     ("linear_conv", {"causal": True, "chunk": 16}), ("linear_conv", {"causal": False, "short_conv": 3}),
     ("lsh", {"causal": True, "n_heads": 2, "bucket_size": 16, "n_hashes": 2}), ("lsh", {"causal": False}),
-    ("retnet", {"chunk": 16}), ("gla", {"chunk": 16}), ("linformer", {"causal": False, "max_len": 64}),
+    ("retnet", {"chunk": 16}), ("gla", {"chunk": 16}), ("retnet", {"chunk": 16, "short_conv": 4}),
+    ("gla", {"chunk": 16, "short_conv": 3}), ("linformer", {"causal": False, "max_len": 64}),
     ("mlp", {}), ("swiglu", {}), ("moe", {"n_experts": 4, "top_k": 2}), ("moe", {"expert": "mlp", "top_k": 1}),
 ]
 
