@@ -127,6 +127,27 @@ def test_claim_rules_reproduced_not_reproduced_inconclusive():
     assert fd.evaluate(claim(kind="at_least", mixer="one", settings=["p4"], value=0.95), single)[0] == fd.INCONCLUSIVE
 
 
+def test_a_run_still_improving_decides_no_claim_it_could_still_change():
+    """A run still rising can still cross a bar or close a gap: an at_most rule that holds, a
+    decreases drop against a harder setting still improving and a higher gap whose trailing
+    mixer still improves are inconclusive; what a rise cannot undo stands."""
+    rows = three("p4", "ssm", [0.9, 0.92, 0.91]) + three("p16", "ssm", [0.4, 0.45, 0.5], improving=True)
+    rows += three("p16", "attn", [0.97, 0.96, 0.99])
+    rows += three("sel", "lti", [0.2, 0.25, 0.3], improving=True) + three("sel", "lti2", [0.7, 0.75, 0.8], improving=True)
+    verdict, ours = fd.evaluate(claim(kind="decreases", mixers=["ssm"], settings=["p4", "p16"], by=0.1), rows)
+    assert verdict == fd.INCONCLUSIVE and "still improving at p16" in ours
+    verdict, ours = fd.evaluate(claim(kind="higher", mixer="attn", other="ssm", setting="p16", by=0.2), rows)
+    assert verdict == fd.INCONCLUSIVE and "ssm @ p16: 0.450" in ours and "still improving 3/3" in ours
+    assert fd.evaluate(claim(kind="higher", mixer="ssm", other="attn", setting="p16", by=0.2), rows)[0] == \
+        fd.INCONCLUSIVE  # behind, but still rising
+    assert fd.evaluate(claim(kind="at_most", mixer="lti", settings=["sel"], value=0.5), rows)[0] == fd.INCONCLUSIVE
+    assert fd.evaluate(claim(kind="at_most", mixer="lti2", settings=["sel"], value=0.5), rows)[0] == \
+        fd.NOT_REPRODUCED  # above the bar and rising: more budget cannot bring it under
+    flat = three("p4", "ssm", [0.9, 0.92, 0.91]) + three("p16", "ssm", [0.4, 0.45, 0.5])
+    assert fd.evaluate(claim(kind="decreases", mixers=["ssm"], settings=["p4", "p16"], by=0.1), flat)[0] == \
+        fd.REPRODUCED
+
+
 def test_claims_file_is_checked(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("claims:\n  x: {claim: c, source: s, rule: {kind: bigger}}\n")
@@ -349,6 +370,94 @@ def test_shards_hold_a_findings_mixer_and_setting_whole(tmp_path):
     assert rows["findings/p1/softmax/best/seed=1"]["lr"] == 1e-2 and rows["findings/p1/linear/best/seed=1"]["lr"] == 1e-3
 
 
+def test_runs_still_improving_run_again_with_the_longer_budget(tmp_path):
+    """A run of the chosen rate that ends its budget still improving is run again, fresh, with
+    findings.extend_steps and counts in its place; one that converged or had flattened is not
+    (its row reads skipped, with why); the longer runs wait for their setting's seed runs; a
+    resumed sweep finds everything done."""
+    from zoo.suite import cases, load_suite
+    from zoo.sweep import case_status, run_suite
+
+    p = tmp_path / "longer.yaml"
+    p.write_text(TINY.replace("seeds: [0, 1]", "seeds: [0, 1, 2]\n  extend_steps: 90"))
+    suite = load_suite(str(p))
+    longer = [c for c in cases(suite) if c["phase"] == "longer"]
+    assert len(longer) == 6 and {c["train"]["max_steps"] for c in longer} == {90}
+    assert all(c["train"]["lr"] == "best" for c in longer)
+    order = []
+
+    def runner(case, timeout):  # softmax seed 1 still rises at 30 steps; with 90 it converges
+        order.append((case["key"], case["train"]["lr"], case["train"]["max_steps"]))
+        m, seed, steps = case["mixer"], case["train"]["seed"], case["train"]["max_steps"]
+        acc = 0.995 if m == "softmax" and seed == 0 else 0.5 if m == "linear" else 0.9
+        curve = [[15, acc], [30, acc]]
+        if m == "softmax" and seed == 1:
+            curve = [[30, 0.8], [60, 0.9], [90, 0.995]] if steps == 90 else [[15, 0.4], [30, 0.6]]
+        if m == "linear" and case["train"]["lr"] == 1e-3:
+            curve = [[15, 0.55], [30, 0.55]]
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": curve[-1][1]}, "val_curve": curve, "val_loss": 0.1}}
+
+    run_suite(suite, tmp_path / "out", progress=False, jobs=2, runner=runner)
+    ran_longer = [x for x in order if "/longer/" in x[0]]
+    assert ran_longer == [("findings/p1/softmax/longer/seed=1", 1e-3, 90)], order
+    softmax = [k for k, _, _ in order if "/softmax/" in k]
+    assert softmax[-1] == "findings/p1/softmax/longer/seed=1" and "findings/p1/softmax/best/seed=2" in softmax[:-1]
+    rows = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    skipped = {k: r["reason"] for k, r in rows.items() if r["status"] == "skipped"}
+    assert set(skipped) == {f"findings/p1/{m}/longer/seed={s}" for m in ("softmax", "linear") for s in (0, 1, 2)} - {
+        "findings/p1/softmax/longer/seed=1"}
+    assert "reached the validation target (0.995 at step 30)" in skipped["findings/p1/softmax/longer/seed=0"]
+    assert "had stopped improving (0.550 at step 30)" in skipped["findings/p1/linear/longer/seed=0"]
+    by = {x.mixer: x for x in fd.summarize(list(rows.values()))}
+    assert by["softmax"].values == [0.995, 0.995, 0.9] and by["softmax"].flags["longer_budget"] == 1
+    assert "still_improving" not in by["softmax"].flag_text() and "longer_budget 1/3" in by["softmax"].flag_text()
+    assert by["linear"].values == [0.55, 0.55, 0.55] and "longer_budget" not in by["linear"].flag_text()
+    status = dict(case_status(suite, tmp_path / "out"))
+    assert status["findings/p1/softmax/longer/seed=1"] == "ok"
+    assert status["findings/p1/softmax/longer/seed=0"] == "skipped"
+    from zoo.report import write_report
+
+    text = write_report(list(rows.values()), tmp_path / "out").read_text()
+    assert "run again with 90 steps" in text and "(1 so far)" in text
+    assert "5 more not needed: 5 longer budgets where the run had converged or stopped improving" in text
+    again = []
+    run_suite(suite, tmp_path / "out", progress=False, jobs=2, runner=_scripted(again, lambda m, lr: 0.5))
+    assert again == []
+
+
+def test_a_longer_budget_follows_the_choice_of_rate(tmp_path):
+    """When a rate beyond the grid moves the choice, a longer run made with the old rate no longer
+    counts: it is decided again from the new rate's run of its seed."""
+    from zoo.suite import load_suite
+    from zoo.sweep import case_status, run_suite
+
+    p = tmp_path / "longer.yaml"
+    body = TINY.replace("mixers: [softmax, linear]", "mixers: [softmax]").replace("seeds: [0, 1]", "seeds: [0]\n  extend_steps: 90")
+
+    def rising(order):  # every rate still rising at 30 steps, the higher the better; converges at 90
+        def runner(case, timeout):
+            lr, steps = case["train"]["lr"], case["train"]["max_steps"]
+            order.append((case["key"], lr))
+            curve = [[90, 0.995]] if steps == 90 else [[15, lr * 50], [30, lr * 100]]
+            return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                    "result": {"metrics": {"test/accuracy": curve[-1][1]}, "val_curve": curve, "val_loss": 0.1}}
+        return runner
+
+    p.write_text(body)
+    first = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, runner=rising(first))
+    assert first[-1] == ("findings/p1/softmax/longer/seed=0", 3e-3)
+    p.write_text(body.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [6.0e-3]"))
+    assert dict(case_status(load_suite(str(p)), tmp_path / "out"))["findings/p1/softmax/longer/seed=0"] == (
+        "ok (a rate beyond the grid may still change its lr)")
+    second = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, runner=rising(second))
+    assert second == [("findings/p1/softmax/lr=0.006/seed=0", 6e-3), ("findings/p1/softmax/longer/seed=0", 6e-3)]
+    (s,) = fd.summarize([json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()])
+    assert s.lr == 6e-3 and s.values == [0.995] and s.flags["longer_budget"] == 1
+
+
 def test_extension_rule_and_intervals_within_the_metric_range():
     grid = [row("s", "m", 1e-3, 0, 0.5), row("s", "m", 3e-3, 0, 0.7)]
     up = {"train": {"lr": 1e-2, "stop_at": 0.99}}
@@ -423,6 +532,9 @@ def test_findings_suite_errors(tmp_path):
         load_suite(str(p))
     p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [2.0e-3]"))
     with pytest.raises(zoo.ZooConfigError, match=r"extend_lrs must be distinct rates > 0 outside the grid \[0.001, 0.003\]"):
+        load_suite(str(p))
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_steps: 30"))
+    with pytest.raises(zoo.ZooConfigError, match=r"extend_steps \(30\) must exceed every setting's train.max_steps"):
         load_suite(str(p))
     assert len(cases(load_suite("findings"))) > 0
 

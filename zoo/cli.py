@@ -106,6 +106,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from zoo.findings import not_needed
     from zoo.report import write_report
     from zoo.suite import load_suite
     from zoo.sweep import collect, run_suite
@@ -145,7 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r.get("status") not in ("ok", "skipped")]
     skipped = sum(r.get("status") == "skipped" for r in rows)
     print(f"{len(rows) - len(failed) - skipped} cases ok, {len(failed)} did not finish"
-          + (f", {skipped} not needed (rates beyond the grid)" if skipped else "") + f"; results in {results}")
+          + (f", {skipped} not needed ({not_needed(rows)})" if skipped else "") + f"; results in {results}")
     if args.shard and args.shard != "0/1":
         print(f"shard done; merge with: zoo report {out}")
         return 0

@@ -11,6 +11,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from zoo.findings import not_needed
 from zoo.measure import loglog_slope
 from zoo.sweep import SKIPPED
 
@@ -133,7 +134,7 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
         timed = any(r["case"]["kind"] in ("speed", "decode") for r in ok)
         skipped = sum(r.get("status") == "skipped" for r in rows)
         lines += ["", f"{len(ok)} of {len(rows) - skipped} cases ran"
-                  + (f" ({skipped} more not needed: rates beyond the grid where the choice lay inside it)"
+                  + (f" ({skipped} more not needed: {not_needed(rows)})"
                      if skipped else "")
                   + ("; times are medians of `torch.utils.benchmark` blocks and hold only for this machine; "
                      "ratios are the portable part." if timed else "; the environment is the first row's."), ""]
@@ -230,7 +231,9 @@ def _findings_section(rows, out_dir):
     if not frows:
         return []
     summaries = fd.summarize(rows)
-    c0 = frows[0]["case"]
+    c0 = next((r["case"] for r in frows if r["case"]["phase"] != "longer"), frows[0]["case"])
+    longer = [r for r in frows if r["case"]["phase"] == "longer"]
+    longer_ran = sum(r.get("status") not in ("skipped", None) for r in longer)
     lrs = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "tune"})
     beyond = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "extend"})
     ran = sorted({fd.lr_of(r) for r in fd.tuning_rows(frows) if r["case"]["phase"] == "extend"})
@@ -242,13 +245,18 @@ def _findings_section(rows, out_dir):
                 f"validation target ({'run for some: ' + str(ran) if ran else 'none run so far'})" if beyond else "")
              + ", "
              f"chosen on validation accuracy; the chosen rate rerun on init seeds "
-             f"{seeds[1:] if seeds[1:] else '(none finished yet: these results are the tuning runs alone)'}; data seed "
+             f"{seeds[1:] if seeds[1:] else '(none finished yet: these results are the tuning runs alone)'}"
+             + (f"; a run of the chosen rate that ended its budget still improving run again with "
+                f"{longer[0]['case']['train']['max_steps']} steps (a fresh run, its schedule spanning them), which "
+                f"counts in its place ({longer_ran} so far)" if longer else "")
+             + "; data seed "
              f"{c0['train'].get('data_seed')} for every run (same validation and test sets, fresh training batches). "
              f"Test accuracy: mean, standard deviation and 95 % interval (Student t, clipped to [0, 1]) over the "
              "seeds. Budget: "
              f"{_kv(train)}; model: {_kv(c0.get('model', {}))}. Flags count runs: converged = reached the "
              f"validation target; still_improving = validation accuracy rose by more than {fd.IMPROVING} over the "
-             "last quarter of the run; AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level; "
+             "last quarter of the run; longer_budget = the run counted is its longer-budget rerun; AT CHANCE = "
+             "mean within max(0.02, 2 standard errors) of the chance level; "
              "LR AT EDGE = the chosen rate is the smallest or largest tried and its run did not converge (not tuned). "
              "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "
              "its own to the count less those wholly below (overlapping intervals are never ordered).", ""]

@@ -83,6 +83,10 @@ class FindingsSpec:
     # so far chose their own edge on its side without reaching train.stop_at (a rate chosen at
     # the grid's edge is not tuned); otherwise its row reads "skipped" and costs nothing
     extend_lrs: list[float] = field(default_factory=list)
+    # a longer budget (train.max_steps) for a run of the chosen rate that ends its budget still
+    # improving: it is run again with this many steps and counts in its place; 0: none. Where
+    # no run needs it, its rows read "skipped" and cost nothing
+    extend_steps: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_seed: int = 0  # fixed: every run sees the same validation and test sets
     model: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +162,11 @@ class Suite:
             if inside or len(set(f.extend_lrs)) != len(f.extend_lrs):
                 raise ZooConfigError(f"suite {self.name!r}: findings.extend_lrs must be distinct rates > 0 outside the "
                                      f"grid [{min(f.lrs):g}, {max(f.lrs):g}] (they extend it); got {f.extend_lrs}")
+            budgets = [_merge(f.train, st.train).get("max_steps", TrainConfig.max_steps) for st in f.settings.values()]
+            if f.extend_steps and f.extend_steps <= max(budgets):
+                raise ZooConfigError(f"suite {self.name!r}: findings.extend_steps ({f.extend_steps}) must exceed every "
+                                     f"setting's train.max_steps (up to {max(budgets)}): it is the longer budget for "
+                                     "runs still improving at theirs; 0 turns it off")
             for key in ("lr", "seed", "data_seed"):
                 if key in f.train or any(key in st.train for st in f.settings.values()):
                     raise ZooConfigError(f"suite {self.name!r}: findings sets train.{key} itself (findings.lrs, "
@@ -269,13 +278,15 @@ def cases(suite: Suite) -> list[dict]:
 def _findings_cases(f: FindingsSpec) -> list[dict]:
     """Tune cases (every lr, first seed) first, then extension cases (a rate of extend_lrs, run
     only where the choice sits at that edge: decided when the case starts, see zoo.sweep), then
-    seed cases (lr 'best': chosen from the tune and extension rows when the case starts)."""
+    seed cases (lr 'best': chosen from the tune and extension rows when the case starts), then
+    longer-budget cases (one per seed, lr 'best', max_steps extend_steps: run only where that
+    seed's run of the chosen rate ended still improving)."""
     reg = default_registry()
     up = sorted(x for x in f.extend_lrs if x > max(f.lrs))
     down = sorted((x for x in f.extend_lrs if x < min(f.lrs)), reverse=True)
     # nearest first on each side; "extend" k waits for the tune cases and extensions k' < k
     beyond = sorted([(k + 1, x) for k, x in enumerate(up)] + [(k + 1, x) for k, x in enumerate(down)])
-    tune, seeds = [], []
+    tune, seeds, longer = [], [], []
     for name, st in f.settings.items():
         task = reg.build_task(st.task, **st.args)
         model = _merge(f.model, st.model)
@@ -297,7 +308,12 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
                 train = {**_merge(f.train, st.train), "lr": "best", "seed": seed, "data_seed": f.data_seed}
                 seeds.append({**base, "phase": "seed", "train": train,
                               "key": f"findings/{name}/{mixer}/best/seed={seed}"})
-    return tune + seeds
+            for seed in f.seeds if f.extend_steps else ():
+                train = {**_merge(f.train, st.train), "lr": "best", "seed": seed, "data_seed": f.data_seed,
+                         "max_steps": f.extend_steps}
+                longer.append({**base, "phase": "longer", "train": train,
+                               "key": f"findings/{name}/{mixer}/longer/seed={seed}"})
+    return tune + seeds + longer
 
 
 def _merge(a: dict, b: dict) -> dict:

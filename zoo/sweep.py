@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from zoo.errors import ZooConfigError
-from zoo.findings import choose_lr, extension_needed
+from zoo.findings import choose_lr, extension_needed, longer_needed, lr_of
 
 
 def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -227,15 +227,20 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                 and not (flagged and retry_failed) and current(c, row) and not _entry_changed(c, row))
 
     def current(c: dict, row: dict) -> bool:
-        """A seed row counts while its lr is today's choice and nothing of the tuning it was chosen
-        from is left to run (a rate beyond the grid may still change the choice)."""
-        if c.get("phase") != "seed":
+        """A seed or longer-budget row counts while its lr is today's choice and nothing of the
+        tuning it was chosen from is left to run (a rate beyond the grid may still change the
+        choice); a skipped longer-budget row, while the run it judged is still the latest."""
+        if c.get("phase") not in ("seed", "longer"):
             return True
         prefix = _tune_prefix(c)
         if any(o["key"].startswith(prefix) and o.get("phase") in ("tune", "extend") and not finished(o)
                for o in todo):
             return False
-        return row.get("lr") == choose_lr([r for k, r in done.items() if k.startswith(prefix)])
+        lr = choose_lr([r for k, r in done.items() if k.startswith(prefix)])
+        if c["phase"] == "longer" and row.get("status") == "skipped":
+            base = _base_row(c, lr, list(done.values()))
+            return base is not None and row.get("lr") == lr and _finished_at(base) <= _finished_at(row)
+        return row.get("lr") == lr
 
     pending = [c for c in todo if not finished(c)]
     try:
@@ -245,6 +250,14 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     except ImportError:  # pragma: no cover
         bar = None
     cores = os.cpu_count() or 1
+
+    def reusable(c: dict, run: dict) -> bool:
+        """A seed or longer-budget case left pending while its tuning might change the choice,
+        whose row stands because the choice did not change: nothing to run."""
+        row = done.get(c["key"])
+        return (c.get("phase") in ("seed", "longer") and row is not None and not redo(c["key"])
+                and row.get("status") == "ok" and row.get("case") == json.loads(json.dumps(c))
+                and row.get("lr") == run["train"]["lr"] and not (retry_failed and _contended(row)))
 
     def record(case: dict, row: dict) -> None:
         row.update(suite=suite.name, command=command, finished_at=time.time())
@@ -260,11 +273,17 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         run = dict(case)
         if not run.get("threads"):
             run["threads"] = max(1, cores // parallel)
-        if case.get("phase") == "seed":  # the findings protocol: the lr the tune runs chose
-            try:  # every results file of the folder: shards included
-                run = resolve_best_lr(run, collect([out_dir]))
+        if case.get("phase") in ("seed", "longer"):  # the findings protocol: the lr the tune runs chose
+            rows = collect([out_dir])  # every results file of the folder: shards included
+            try:
+                run = resolve_best_lr(run, rows)
             except ZooConfigError as e:
                 return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
+            if case["phase"] == "longer" and not reusable(case, run):  # only where its seed's run still rose
+                why = longer_needed(_base_row(case, run["train"]["lr"], rows), case["train"].get("stop_at", 0.0))
+                if why is not None:
+                    return run, {"key": case["key"], "case": case, "status": "skipped", "reason": why,
+                                 "lr": run["train"]["lr"], "wall_s": 0.0}
         if case.get("phase") == "extend":  # a rate beyond the grid: only where the choice sits at its edge
             prefix = _tune_prefix(case)
             why = extension_needed(case, [r for r in collect([out_dir]) if r["key"].startswith(prefix)])
@@ -295,21 +314,15 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
 
         def blocked(c: dict) -> bool:
             """A seed case waits for the tune and extension cases of its mixer and setting; an
-            extension case for the tune cases and the nearer extensions."""
-            if c.get("phase") not in ("seed", "extend"):
+            extension case for the tune cases and the nearer extensions; a longer-budget case for
+            all of those and the seed cases."""
+            if c.get("phase") not in ("seed", "extend", "longer"):
                 return False
-            prefix = _tune_prefix(c)
-            return any(o["key"].startswith(prefix) and (c["phase"] == "seed" or o["phase"] == "tune"
-                                                         or o.get("extend", 0) < c["extend"])
+            prefix, group = _tune_prefix(c), _group_prefix(c)
+            return any(o["key"].startswith(group) and o["phase"] != "longer" if c["phase"] == "longer" else
+                       o["key"].startswith(prefix) and (c["phase"] == "seed" or o["phase"] == "tune"
+                                                        or o.get("extend", 0) < c["extend"])
                        for o in waiting + [case for case, _ in running.values()])
-
-        def reusable(c: dict, run: dict) -> bool:
-            """A seed case left pending while its tuning might change the choice, whose row stands
-            because the choice did not change: nothing to run."""
-            row = done.get(c["key"])
-            return (c.get("phase") == "seed" and row is not None and not redo(c["key"]) and row.get("status") == "ok"
-                    and row.get("case") == json.loads(json.dumps(c)) and row.get("lr") == run["train"]["lr"]
-                    and not (retry_failed and _contended(row)))
 
         waiting, running = list(training), {}
         # a multi-GPU host: each parallel case gets a GPU of its own (CUDA_VISIBLE_DEVICES), at
@@ -323,11 +336,12 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             while waiting or running:
                 # a setting's seed cases go first once its tuning is done, so a sweep stopped
                 # part way has whole verdicts rather than every setting half-tuned
-                order = {"seed": 0, "extend": 1}  # then tune: finish a setting before starting another
+                order = {"seed": 0, "extend": 1, "longer": 1}  # then tune: finish a setting before another
                 while len(running) < jobs:  # a case that needs no run (skipped, reused) frees its slot at once
-                    # extension cases that turn out not to be needed are settled first, whatever
-                    # their place: their rows cost nothing and unblock their setting's seed runs
-                    for c in [c for c in waiting if c.get("phase") == "extend" and not blocked(c)]:
+                    # extension and longer-budget cases that turn out not to be needed are settled
+                    # first, whatever their place: their rows cost nothing and unblock their
+                    # setting's seed runs
+                    for c in [c for c in waiting if c.get("phase") in ("extend", "longer") and not blocked(c)]:
                         run, error = start(c, jobs)
                         if error:
                             waiting.remove(c)
@@ -468,10 +482,10 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], "changed"))
         elif _entry_changed(c, row):
             out.append((c["key"], f"changed (the registry entry of {c['mixer']!r})"))
-        elif c.get("phase") == "seed" and row.get("status") == "ok" and row.get("lr") != (
+        elif c.get("phase") in ("seed", "longer") and row.get("status") in ("ok", "skipped") and row.get("lr") != (
                 lr := choose_lr([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
             out.append((c["key"], f"stale (lr {row.get('lr')}; the tuning now chooses {lr})"))
-        elif c.get("phase") == "seed" and _tune_prefix(c) in open_ext:
+        elif c.get("phase") in ("seed", "longer") and _tune_prefix(c) in open_ext:
             out.append((c["key"], f"{row.get('status')} (a rate beyond the grid may still change its lr)"))
         else:
             out.append((c["key"], "contended" if _contended(row) else str(row.get("status"))))
@@ -604,7 +618,22 @@ def _shard_groups(cases: list[dict]) -> list[int]:
 
 def _tune_prefix(case: dict) -> str:
     """The key prefix of a findings case's tune and extension cases (its mixer and setting)."""
-    return f"findings/{case['setting']}/{case['mixer']}/lr="
+    return f"{_group_prefix(case)}lr="
+
+
+def _group_prefix(case: dict) -> str:
+    """The key prefix of every findings case of the case's mixer and setting."""
+    return f"findings/{case['setting']}/{case['mixer']}/"
+
+
+def _base_row(case: dict, lr: float | None, rows: list[dict]) -> dict | None:
+    """The run a longer-budget case extends: its seed's run of the chosen rate ``lr`` at the base
+    budget (the tune or extension row for the first seed, the seed row for the others), the one
+    finished last; None where there is none."""
+    found = [r for r in rows if r["key"].startswith(_group_prefix(case)) and r.get("status") != "skipped"
+             and r.get("case", {}).get("phase") in ("tune", "extend", "seed")
+             and r["case"]["train"].get("seed") == case["train"]["seed"] and lr is not None and lr_of(r) == lr]
+    return max(found, key=_finished_at, default=None)
 
 
 def resolve_best_lr(case: dict, rows: list[dict]) -> dict:
