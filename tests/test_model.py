@@ -46,6 +46,20 @@ def test_classification_head(pool):
     assert model(torch.randint(0, 50, (3, 17))).shape == (3, 10)
 
 
+def test_reconstruct_head_reads_only_the_last_state():
+    """MAD's compression decoder: logits for every position, from the last position's hidden
+    state alone (no gradient reaches the others); such a model does not decode."""
+    model = zoo.build_model({**TINY, "head": "reconstruct"})
+    tokens = torch.randint(0, 50, (3, 17))
+    h = model.hidden(tokens).detach().requires_grad_(True)
+    logits = model.head(h[:, -1], 17)
+    assert logits.shape == (3, 17, 50) and torch.equal(logits, model(tokens))
+    logits.sum().backward()
+    assert h.grad[:, :-1].abs().max() == 0 and h.grad[:, -1].abs().max() > 0
+    with pytest.raises(zoo.ZooConfigError, match=r"cannot decode: model.head is 'reconstruct'.*needs head 'lm'"):
+        model.init_state(1)
+
+
 def test_hybrid_pattern_cycles_over_layers():
     model = zoo.build_model({**TINY, "n_layers": 5, "mixer": ["softmax"], "channel": ["mlp", "swiglu"]})
     assert [type(b.channel).__name__ for b in model.blocks] == ["MLP", "SwiGLU", "MLP", "SwiGLU", "MLP"]

@@ -24,7 +24,7 @@ def test_deterministic_from_the_seed_and_well_formed(name):
     assert not torch.equal(xa, c.data["train"].tensors[0])
     assert xa.shape == (a.train_size, a.seq_len) and xa.dtype == torch.long
     assert xa.min() >= 0 and xa.max() < a.vocab_size
-    if a.head == "lm":
+    if a.head in ("lm", "reconstruct"):  # a target per position
         assert ya.shape == xa.shape
         scored = ya[ya != IGNORE]
         assert scored.numel() > 0 and scored.min() >= 0 and scored.max() < a.vocab_size
@@ -110,6 +110,96 @@ def test_induction_solver_and_test_lengths():
             assert y[row, -1] == x[row, first + 1] and (y[row, :-1] == IGNORE).all()
 
 
+def recall_solver(tokens, key_of, value_of):
+    """Answers of in-context recall read off the sequence alone: segment it into (key, value)
+    runs by vocabulary, remember each key's value, and at a key seen before answer with its value,
+    each value token at the position before it. ``key_of`` / ``value_of`` say what a token is."""
+    runs, i, x = [], 0, tokens.tolist()
+    while i < len(x):
+        if not key_of(x[i]):
+            i += 1
+            continue
+        j = i
+        while j < len(x) and key_of(x[j]):
+            j += 1
+        k_end = j
+        while j < len(x) and value_of(x[j]):
+            j += 1
+        runs.append((i, tuple(x[i:k_end]), tuple(x[k_end:j])))
+        i = j
+    memory, answers = {}, {}
+    for start, k, v in runs:
+        if k in memory:
+            assert memory[k] == v, "a key keeps its value within a sequence"
+            answers.update({start + len(k) - 1 + n: t for n, t in enumerate(v)})
+        memory[k] = v
+    return answers
+
+
+def test_noisy_recall_solver_noise_and_layout():
+    t = build("noisy_recall", vocab=32, seq_len=64, noise_vocab=16, frac_noise=0.4, train_size=300)
+    x, y = t.data["train"].tensors
+    assert t.n_keys == 8 and t.chance == 1 / 8
+    for row in range(x.shape[0]):
+        # slots: a key (0..7) and its value (8..15), or two noise tokens (16..31)
+        slots = x[row].view(-1, 2)
+        pair = slots[:, 0] < 8
+        assert ((slots[pair, 1] >= 8) & (slots[pair, 1] < 16)).all() and (slots[~pair] >= 16).all()
+        answers = recall_solver(x[row], lambda v: v < 8, lambda v: 8 <= v < 16)
+        scored = {p: y[row, p].item() for p in (y[row] != IGNORE).nonzero().flatten().tolist()}
+        assert scored == answers and scored and max(scored) == 62  # the last slot is always asked
+    noise = (x >= 16).float().mean().item()
+    assert 0.3 < noise < 0.45  # frac_noise 0.4 of the slots, less the two slots kept as pairs
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_fuzzy_recall_solver_and_motif_lengths(split):
+    t = build("fuzzy_recall", vocab=16, seq_len=64, key_motif=3, value_motif=3, train_size=200, test_size=200)
+    x, y = t.data[split].tensors
+    lengths = set()
+    for row in range(x.shape[0]):
+        answers = recall_solver(x[row], lambda v: v < 7, lambda v: 7 <= v < 15)
+        scored = {p: y[row, p].item() for p in (y[row] != IGNORE).nonzero().flatten().tolist()}
+        assert scored == answers and scored
+        lengths.update(len(k) for k in _key_runs(x[row].tolist(), 7))
+        first = (x[row] != 15).nonzero()[0].item()
+        assert (x[row, first:] != 15).all()  # padding in front only
+    assert lengths == ({1, 2, 3} if split == "train" else {3})  # test keys all at the longest motif
+
+
+def _key_runs(x, n_keys):
+    """The maximal runs of key tokens (< n_keys) in x: its keys."""
+    out, run = [], []
+    for v in x + [n_keys]:
+        if v < n_keys:
+            run.append(v)
+        elif run:
+            out.append(run)
+            run = []
+    return out
+
+
+def test_memorization_is_one_map_for_every_split():
+    t = build("memorization", vocab=33, seq_len=32, train_size=200, test_size=200)
+    table = {}
+    for split in ("train", "val", "test"):
+        x, y = t.data[split].tensors
+        assert (x[:, 1::2] == 32).all() and (y[:, 0::2] == IGNORE).all()
+        for k, v in zip(x[:, 0::2].flatten().tolist(), y[:, 1::2].flatten().tolist(), strict=True):
+            assert table.setdefault(k, v) == v  # one value per key, whatever the split
+    assert len(set(table.values())) == len(table) == 16 and min(table.values()) >= 16
+    other = build("memorization", vocab=33, seq_len=32, seed=1)
+    assert not torch.equal(other.table, t.table)  # the map is the data seed's
+
+
+def test_compression_targets_are_the_input():
+    t = build("compression", vocab=16, seq_len=32)
+    x, y = t.data["train"].tensors
+    assert t.head == "reconstruct" and t.chance == 1 / 15
+    assert (x[:, -1] == 15).all() and (x[:, :-1] < 15).all()
+    assert torch.equal(y[:, :-1], x[:, :-1]) and (y[:, -1] == IGNORE).all()
+
+
 def test_listops_solver_and_hand_example():
     t = build("listops", seq_len=64, max_depth=3)
     x, y = t.data["train"].tensors
@@ -143,6 +233,13 @@ def test_text_is_next_byte_prediction(tmp_path):
     ("selective_copy", {"seq_len": 6, "n_tokens": 4}, r"seq_len=6 must be >= 2 \* n_tokens = 8"),
     ("listops", {"max_args": 1}, r"listops needs seq_len >= 8, max_depth >= 1, max_args >= 2"),
     ("mqar", {"n_pair": 4}, r"task 'mqar': unknown hyper-parameter 'n_pair' \(did you mean 'n_pairs'"),
+    ("noisy_recall", {"seq_len": 15}, r"noisy_recall: seq_len must be even and >= 4"),
+    ("noisy_recall", {"frac_noise": 1.0}, r"frac_noise must be in \[0, 1\), got 1.0"),
+    ("noisy_recall", {"noise_vocab": 0, "frac_noise": 0.2}, r"needs noise_vocab >= 1 when frac_noise > 0"),
+    ("fuzzy_recall", {"vocab": 6, "key_motif": 3}, r"key_motif and value_motif must be >= 1 and fit the vocabulary"),
+    ("fuzzy_recall", {"seq_len": 10}, r"seq_len=10 is too short .* give seq_len >= 12"),
+    ("memorization", {"seq_len": 15}, r"memorization: seq_len must be even"),
+    ("compression", {"vocab": 2}, r"compression needs vocab >= 3"),
 ])
 def test_bad_task_arguments(name, kw, message):
     with pytest.raises(zoo.ZooConfigError, match=message):

@@ -52,6 +52,17 @@ def test_other_mixers_learn_above_chance(tmp_path, mixer, task):
     assert out["metrics"]["test/accuracy"] > 2 * chance, out
 
 
+@pytest.mark.parametrize("task,args,chance", [
+    ("compression", "{vocab: 6, seq_len: 8, train_size: 0, test_size: 256}", 1 / 5),
+    ("noisy_recall", "{vocab: 16, seq_len: 32, noise_vocab: 4, frac_noise: 0.2, train_size: 0, test_size: 256}", 1 / 6),
+    ("memorization", "{vocab: 17, seq_len: 16, train_size: 0, test_size: 256}", 1 / 8),
+])
+def test_mad_tasks_are_learned(tmp_path, task, args, chance):
+    """The MAD tasks train end to end (compression through the reconstruct head) well above chance."""
+    out = fit(config(tmp_path, "--task.name", task, "--task.args", args))
+    assert out["metrics"]["test/accuracy"] > 2 * chance, out  # seen: 0.74, 0.43 and 1.00
+
+
 def _losses(run_dir):
     rows = csv.DictReader(open(Path(run_dir) / "metrics.csv"))
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}

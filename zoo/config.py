@@ -47,7 +47,7 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
     dropout: float = 0.0
-    head: str = "lm"  # lm | classify
+    head: str = "lm"  # lm | classify | reconstruct (the task sets it; reconstruct: MAD's compression decoder)
     # Initial scale of the token and learned-position embeddings: 1 (PyTorch's nn.Embedding) is on
     # the scale of sinusoidal positions and of what the blocks add under PyTorch's Linear init;
     # GPT-2's 0.02 left token identity ~25x below the first block's output, and attention then sat
@@ -60,7 +60,7 @@ class ModelConfig:
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "norm": ("layernorm", "rmsnorm"),
         "norm_position": ("pre", "post"),
-        "head": ("lm", "classify"),
+        "head": ("lm", "classify", "reconstruct"),
         "pool": ("mean", "last", "first"),
     }
 

@@ -102,8 +102,27 @@ def mixer_kwargs(registry: Registry, pattern: list[str], args: dict[str, Any], w
     return out
 
 
+class ReconstructHead(nn.Module):
+    """The decoder of MAD's compression task (Poli et al. 2024): the whole sequence must pass
+    through the last position's state ``z`` (B, d); each output position t reads z plus a fixed
+    sinusoidal code of t through a non-expanding two-layer MLP, then the logits (B, T, vocab)."""
+
+    def __init__(self, d_model: int, vocab_size: int, max_len: int, norm: str):
+        super().__init__()
+        self.pos = SinusoidalPosition(d_model, max_len)
+        self.mlp = nn.Sequential(make_norm(norm, d_model), nn.Linear(d_model, d_model), nn.GELU(),
+                                 make_norm(norm, d_model), nn.Linear(d_model, d_model), nn.GELU(),
+                                 make_norm(norm, d_model))
+        self.out = nn.Linear(d_model, vocab_size)
+
+    def forward(self, z: torch.Tensor, length: int) -> torch.Tensor:
+        x = z[:, None, :] + self.pos(0, length)  # (B, T, d)
+        return self.out(self.mlp(x))  # (B, T, vocab)
+
+
 class ZooModel(nn.Module):
-    """Token embedding, additive position, blocks, final norm and an LM or classification head."""
+    """Token embedding, additive position, blocks, final norm and a head: a next-token (``lm``),
+    a sequence-class (``classify``) or a whole-sequence-from-its-last-state (``reconstruct``) one."""
 
     def __init__(self, cfg: ModelConfig, registry: Registry | None = None):
         super().__init__()
@@ -152,6 +171,8 @@ class ZooModel(nn.Module):
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             if cfg.tie_weights:
                 self.head.weight = self.embed.weight
+        elif cfg.head == "reconstruct":
+            self.head = ReconstructHead(cfg.d_model, cfg.vocab_size, cfg.max_len, cfg.norm)
         else:
             self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         # one mechanism for auxiliary outputs: any module (at any depth) with an `aux_losses` or
@@ -181,10 +202,16 @@ class ZooModel(nn.Module):
         return self.norm(x)  # (B, T, d)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab) for ``lm``, (B, n_classes) for ``classify``."""
+        """tokens (B, T) -> logits (B, T, vocab) for ``lm`` and ``reconstruct``, (B, n_classes)
+        for ``classify``."""
         h = self.hidden(tokens)
         if self.cfg.head == "lm":
             return self.head(h)
+        if self.cfg.head == "reconstruct":
+            if tokens.shape[1] > self.cfg.max_len:
+                raise ZooConfigError(f"length {tokens.shape[1]} exceeds model.max_len={self.cfg.max_len}, the size of "
+                                     "the reconstruct head's position table")
+            return self.head(h[:, -1], tokens.shape[1])
         pooled = {"mean": lambda: h.mean(1), "last": lambda: h[:, -1], "first": lambda: h[:, 0]}
         return self.head(pooled[self.cfg.pool]())
 
@@ -203,6 +230,9 @@ class ZooModel(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------
     def init_state(self, batch: int) -> list[Any]:
+        if self.cfg.head != "lm":
+            raise ZooConfigError(f"cannot decode: model.head is {self.cfg.head!r}; decoding gives next-token logits "
+                                 "and needs head 'lm'")
         missing = [type(b.mixer).__name__ for b in self.blocks if not hasattr(b.mixer, "step")]
         if missing:
             raise ZooConfigError(f"cannot decode: {', '.join(sorted(set(missing)))} has no step()")

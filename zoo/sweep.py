@@ -565,6 +565,8 @@ def _train_case(case: dict) -> dict:
 def _state_bytes(cfg) -> int | None:
     """Bytes of the model's decode state after one sequence of the task's length (batch 1), or
     None when a mixer cannot decode: the state-size axis of the findings plots."""
+    import dataclasses
+
     import torch
 
     from zoo.contract import state_nbytes
@@ -576,7 +578,8 @@ def _state_bytes(cfg) -> int | None:
     reg = default_registry()
     if not all(reg.mixer(name).decode for name in dict.fromkeys(resolved.model.mixers)):
         return None  # the registry says a mixer cannot decode: nothing to step
-    model = build_model(resolved.model).eval()
+    # the state is the mixers' whatever the head (a reconstruct or classify head does not decode)
+    model = build_model(dataclasses.replace(resolved.model, head="lm")).eval()
     try:
         state = model.init_state(1)
         with torch.no_grad():

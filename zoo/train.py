@@ -68,7 +68,7 @@ class TrainingModule(L.LightningModule):
         if self.cfg.train.compile:  # in place (nn.Module.compile): the state dict keeps its names
             self.model.compile()
         m = self.cfg.model
-        self.lm = m.head == "lm"
+        self.lm = m.head in ("lm", "reconstruct")  # logits and targets per position
         # perplexity and bits per character only where the task is scored by them (text); on a
         # recall or copying task they are noise next to its accuracy
         metric = default_registry().get(TASKS, self.cfg.task.name).metric if self.cfg.task.name else ""
