@@ -458,6 +458,60 @@ def test_a_longer_budget_follows_the_choice_of_rate(tmp_path):
     assert s.lr == 6e-3 and s.values == [0.995] and s.flags["longer_budget"] == 1
 
 
+def test_a_weight_decay_grid_chooses_the_pair_and_extends_at_its_weight_decay(tmp_path):
+    """findings.weight_decays crosses the rate grid (MAD's lr x weight decay): the best pair by
+    validation is the choice, the seed runs take both, the row records both; a rate beyond the
+    grid runs only at the chosen weight decay, and only where that weight decay's rates chose
+    their edge."""
+    from zoo.suite import cases, load_suite
+    from zoo.sweep import case_status, run_suite
+
+    p = tmp_path / "wd.yaml"
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  weight_decays: [0.0, 0.1]\n"
+                              "  extend_lrs: [1.0e-2]"))
+    suite = load_suite(str(p))
+    tune = {c["key"] for c in cases(suite) if c["phase"] == "tune" and c["mixer"] == "softmax"}
+    assert tune == {f"findings/p1/softmax/lr={lr},wd={wd}/seed=0" for lr in ("0.001", "0.003") for wd in ("0", "0.1")}
+    # softmax: best at 3e-3 with wd 0.1, the grid's upper edge: 1e-2 runs at wd 0.1, not at wd 0
+    # (where it would have won); linear: best at 1e-3 with wd 0, not the upper edge: 1e-2 is skipped
+    val = {("softmax", 1e-3, 0.0): 0.2, ("softmax", 3e-3, 0.0): 0.3, ("softmax", 1e-3, 0.1): 0.25,
+           ("softmax", 3e-3, 0.1): 0.5, ("softmax", 1e-2, 0.1): 0.6, ("softmax", 1e-2, 0.0): 0.9,
+           ("linear", 1e-3, 0.0): 0.7, ("linear", 3e-3, 0.0): 0.4, ("linear", 1e-3, 0.1): 0.6,
+           ("linear", 3e-3, 0.1): 0.3, ("linear", 1e-2, 0.0): 0.1, ("linear", 1e-2, 0.1): 0.1}
+    order = []
+
+    def runner(case, timeout):
+        t = case["train"]
+        order.append((case["key"], t["lr"], t["weight_decay"]))
+        acc = val[case["mixer"], t["lr"], t["weight_decay"]]
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": acc}, "val_curve": [[15, acc], [30, acc]], "val_loss": 1 - acc}}
+
+    run_suite(suite, tmp_path / "out", progress=False, jobs=2, runner=runner)
+    ran = {k: (lr, wd) for k, lr, wd in order}
+    assert "findings/p1/softmax/lr=0.01,wd=0.1/seed=0" in ran and "findings/p1/softmax/lr=0.01,wd=0/seed=0" not in ran
+    assert ran["findings/p1/softmax/best/seed=1"] == (1e-2, 0.1) and ran["findings/p1/linear/best/seed=1"] == (1e-3, 0.0)
+    rows = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert "not this case's 0" in rows["findings/p1/softmax/lr=0.01,wd=0/seed=0"]["reason"]
+    assert rows["findings/p1/softmax/best/seed=1"]["weight_decay"] == 0.1
+    by = {x.mixer: x for x in fd.summarize(list(rows.values()))}
+    assert (by["softmax"].lr, by["softmax"].weight_decay) == (1e-2, 0.1) and by["softmax"].values == [0.6, 0.6]
+    assert by["softmax"].grid[(3e-3, 0.0)] == 0.3 and len(by["softmax"].grid) == 5
+    assert (by["linear"].lr, by["linear"].weight_decay) == (1e-3, 0.0)
+    assert all(v == "ok" or v == "skipped" for v in dict(case_status(suite, tmp_path / "out")).values())
+    from zoo.report import write_report
+
+    text = write_report(list(rows.values()), tmp_path / "out").read_text()
+    assert "crossed with weight decays [0.0, 0.1]" in text and "| softmax | 0.01, wd 0.1 | 2 |" in text
+    again = []
+    run_suite(suite, tmp_path / "out", progress=False, jobs=2, runner=_scripted(again, lambda m, lr: 0.5))
+    assert again == []
+    p.write_text(TINY.replace("lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  weight_decays: [0.1]").replace(
+        "train: {max_steps: 30,", "train: {weight_decay: 0.0, max_steps: 30,"))
+    with pytest.raises(zoo.ZooConfigError, match=r"findings sets train.weight_decay itself"):
+        load_suite(str(p))
+
+
 def test_extension_rule_and_intervals_within_the_metric_range():
     grid = [row("s", "m", 1e-3, 0, 0.5), row("s", "m", 3e-3, 0, 0.7)]
     up = {"train": {"lr": 1e-2, "stop_at": 0.99}}
@@ -518,6 +572,58 @@ def test_the_zoology_grid_is_the_figure():
     summaries = [fd.Summary(setting=st, mixer="m", lr=1e-3, values=[0.5], chance=0.0) for st in tasks]
     panels = findings_panels(summaries, tasks)
     assert [(x, len(ss)) for _, x, ss, _ in panels] == [("model.d_model", 3)] * 4
+
+
+def test_the_mad_grid_is_mads():
+    """MAD's benchmark: six tasks, each a baseline and one difficulty axis changed at a time (66
+    settings), lr {1e-4, 5e-4, 1e-3} x weight decay {0, 0.1}, 200 epochs of batch 128."""
+    from zoo.suite import cases, load_suite
+
+    cs = cases(load_suite("mad"))
+    settings = {c["setting"]: (c["task"], c["task_args"], c["train"]) for c in cs}
+    assert len(settings) == 66 and len(cs) == 66 * 6 * 6  # settings x mixers x (lr x wd), one seed
+    assert {(c["train"]["lr"], c["train"]["weight_decay"]) for c in cs} == {
+        (lr, wd) for lr in (1e-4, 5e-4, 1e-3) for wd in (0.0, 0.1)}
+    per_task = {}
+    for name, (_task, args, train) in settings.items():
+        assert train["max_steps"] == 200 * -(-args["train_size"] // 128) and train["batch_size"] == 128
+        per_task.setdefault(name.split("-")[0], []).append((name, args))
+    assert {t: len(v) for t, v in per_task.items()} == {"recall": 11, "noisy": 14, "fuzzy": 11, "selcopy": 13,
+                                                        "compress": 11, "memorize": 6}
+    for t, named in per_task.items():  # every other setting changes one argument of the baseline
+        base = dict(named)[t]
+        for name, args in named:
+            assert sum(args[k] != base[k] for k in base) == (0 if name == t else 1), name
+    assert all(c.get("score_by_task") for c in cs)
+    assert len(cases(load_suite("mad", quick=True))) == 6 * 2
+
+
+def test_a_score_per_task_is_the_mean_over_its_settings(tmp_path):
+    """findings.score_by_task: the report gives each mixer's mean over a task's settings (MAD's
+    score), and says how many settings a partial mean has."""
+    from zoo.report import write_report
+    from zoo.suite import load_suite
+    from zoo.sweep import run_suite
+
+    p = tmp_path / "scores.yaml"
+    p.write_text(TINY.replace("  claims: claims.yaml\n", "  score_by_task: true\n").replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "    p1: {task: mqar,", "    p2: {task: mqar, args: {vocab: 16, seq_len: 16, n_pairs: 2, train_size: 0, test_size: 32}}\n"
+        "    c1: {task: compression, args: {vocab: 6, seq_len: 8, train_size: 0, test_size: 32}}\n"
+        "    p1: {task: mqar,"))
+    acc = {("p1", "softmax"): 0.9, ("p2", "softmax"): 0.7, ("c1", "softmax"): 0.4, ("p1", "linear"): 0.5,
+           ("p2", "linear"): 0.3}
+
+    def runner(case, timeout):
+        if (case["setting"], case["mixer"]) not in acc:
+            return {"key": case["key"], "status": "error", "error": "left out", "wall_s": 0.0}
+        a = acc[case["setting"], case["mixer"]]
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": a}, "val_curve": [[30, a]], "val_loss": 1 - a}}
+
+    out = run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, runner=runner)
+    text = write_report([json.loads(x) for x in out.read_text().splitlines()], tmp_path / "out").read_text()
+    assert "### Score per task" in text and "| mixer | compression | mqar | mean over tasks |" in text
+    assert "| softmax | 0.400 | 0.800 | 0.600 |" in text and "| linear | - | 0.400 | - |" in text
 
 
 def test_findings_suite_errors(tmp_path):

@@ -58,11 +58,13 @@ class Summary:
     chance: float
     flags: dict[str, int] = field(default_factory=dict)  # flag -> number of runs with it
     state_bytes: int | None = None
-    grid: dict[float, float] = field(default_factory=dict)  # lr -> validation accuracy of its tune run
+    # lr -> validation accuracy of its tune run; (lr, weight decay) -> it, with a weight-decay grid
+    grid: dict = field(default_factory=dict)
     stale: int = 0  # seed runs made with another lr than today's choice (left out)
     floor: float | None = None  # accuracy without the task's skill (Task.floor), where above chance
     bounds: tuple[float, float] = (0.0, 1.0)  # the metric's range: accuracies
     edge: bool = False  # the chosen rate is the smallest or largest tried and its run did not converge
+    weight_decay: float | None = None  # the chosen weight decay, with a weight-decay grid
 
     @property
     def n(self) -> int:
@@ -152,28 +154,53 @@ def lr_of(row: dict) -> float:
     return row.get("lr", row["case"]["train"]["lr"])
 
 
+def choice_of(row: dict) -> tuple[float, float | None]:
+    """The (learning rate, weight decay) a findings run used; the weight decay is None where the
+    suite sweeps none (the run took train.weight_decay as the suite or the trainer sets it)."""
+    return lr_of(row), row.get("weight_decay", row["case"]["train"].get("weight_decay"))
+
+
+def choice_text(choice: tuple[float, float | None] | None) -> str:
+    if choice is None:
+        return "none"
+    return f"{choice[0]:g}" + (f", wd {choice[1]:g}" if choice[1] is not None else "")
+
+
 def tuning_rows(rows: list[dict]) -> list[dict]:
     """The rows that choose the learning rate: the grid's and the extensions that ran."""
     return [r for r in rows if r.get("case", {}).get("phase") in ("tune", "extend") and r.get("status") != "skipped"]
 
 
-def choose_lr(tune_rows: list[dict]) -> float | None:
-    """The learning rate of the best tune run by validation, or None when none finished."""
+def choose(tune_rows: list[dict]) -> tuple[float, float | None] | None:
+    """The (learning rate, weight decay) of the best tune run by validation (see
+    :func:`choice_of`), or None when none finished."""
     ok = [r for r in tuning_rows(tune_rows) if r.get("status") == "ok"]
     if not ok:
         return None
-    return lr_of(max(ok, key=val_score))
+    return choice_of(max(ok, key=val_score))
+
+
+def choose_lr(tune_rows: list[dict]) -> float | None:
+    """The learning rate of the best tune run by validation, or None when none finished."""
+    choice = choose(tune_rows)
+    return None if choice is None else choice[0]
 
 
 def extension_needed(case: dict, tune_rows: list[dict]) -> str | None:
     """Whether an extension case (a rate beyond the grid) must run, given the tune rows of its
     mixer and setting so far: None when it must, else why not. It runs where the rates tried
     chose their own edge on the case's side (the largest tried, for a rate above the grid) and
-    that run did not reach the validation target; a rate chosen at the edge is not tuned."""
+    that run did not reach the validation target; a rate chosen at the edge is not tuned. With a
+    weight-decay grid, the rates are those tried at the case's weight decay, and it runs only
+    where the best run has that weight decay."""
     ok = [r for r in tuning_rows(tune_rows) if r.get("status") == "ok"]
     if not ok:
         return "no finished tune run to extend"
     best = max(ok, key=val_score)
+    wd = case["train"].get("weight_decay")
+    if choice_of(best)[1] != wd:
+        return f"the runs tried chose weight decay {choice_of(best)[1]:g}, not this case's {wd:g}"
+    ok = [r for r in ok if choice_of(r)[1] == wd]
     lr, tried = case["train"]["lr"], sorted(lr_of(r) for r in ok)
     edge = tried[-1] if lr > tried[-1] else tried[0] if lr < tried[0] else None
     if edge is None:
@@ -251,21 +278,27 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
     out = []
     for (setting, mixer), rs in sorted(groups.items()):
         tune = tuning_rows(rs)
-        lr = choose_lr(tune)
+        choice = choose(tune)
+        lr, wd = choice or (None, None)
         case = rs[0]["case"]
-        chosen = [r for r in tune if lr_of(r) == lr]
+        chosen = [r for r in tune if choice_of(r) == choice]
         seeds = [r for r in rs if r["case"]["phase"] == "seed"]
-        current = [r for r in seeds if r.get("lr") == lr]
+        current = [r for r in seeds if choice_of(r) == choice]
         # a run of the chosen rate that ended still improving counts by its longer-budget rerun
         longer = {r["case"]["train"]["seed"]: r for r in rs if r["case"]["phase"] == "longer"
-                  and r.get("status") in ("ok", "diverged") and r.get("lr") == lr}
+                  and r.get("status") in ("ok", "diverged") and choice_of(r) == choice}
         base = chosen + current
         runs = [longer.get(r["case"]["train"]["seed"], r) for r in base]
+        # a weight-decay grid: seed cases that resolve it, or tune runs that differ in it
+        swept = any(r["case"]["train"].get("weight_decay") == "best" for r in rs) or len(
+            {choice_of(r)[1] for r in tune}) > 1
         s = Summary(setting, mixer, lr, [], chance=case.get("chance", 0.0), stale=len(seeds) - len(current),
-                    grid={lr_of(r): val_score(r)[0] for r in tune}, floor=task_floor(case),
+                    grid={(choice_of(r) if swept else lr_of(r)): val_score(r)[0] for r in tune},
+                    floor=task_floor(case), weight_decay=wd if swept else None,
                     bounds=(0.0, 1.0) if metric.endswith("accuracy") else (-math.inf, math.inf))
         target = case["train"].get("stop_at", 0.0)
-        if chosen and len(s.grid) > 1 and lr in (min(s.grid), max(s.grid)):
+        rates = [lr_of(r) for r in tune if choice_of(r)[1] == wd]  # tried at the chosen weight decay
+        if chosen and len(rates) > 1 and lr in (min(rates), max(rates)):
             s.edge = not run_flags(chosen[0], target).get("converged", False)
         for r in runs:
             if r["case"]["phase"] == "longer":

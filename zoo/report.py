@@ -235,12 +235,15 @@ def _findings_section(rows, out_dir):
     longer = [r for r in frows if r["case"]["phase"] == "longer"]
     longer_ran = sum(r.get("status") not in ("skipped", None) for r in longer)
     lrs = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "tune"})
+    wds = sorted({fd.choice_of(r)[1] for r in frows if r["case"]["phase"] == "tune"} - {None})
+    swept = any(r["case"]["train"].get("weight_decay") == "best" for r in frows) or len(wds) > 1
     beyond = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "extend"})
     ran = sorted({fd.lr_of(r) for r in fd.tuning_rows(frows) if r["case"]["phase"] == "extend"})
     seeds = sorted({r["case"]["train"]["seed"] for r in frows})
     train = {k: v for k, v in c0["train"].items() if k not in ("lr", "seed", "data_seed")}
     lines = ["## Findings", "",
-             f"Protocol (zoo/findings.py): per mixer and setting, a learning-rate grid {lrs} on init seed {seeds[0]}"
+             f"Protocol (zoo/findings.py): per mixer and setting, a learning-rate grid {lrs}"
+             + (f" crossed with weight decays {wds}" if swept else "") + f" on init seed {seeds[0]}"
              + (f", extended by {beyond} (nearest first) where the rates tried chose their edge without reaching the "
                 f"validation target ({'run for some: ' + str(ran) if ran else 'none run so far'})" if beyond else "")
              + ", "
@@ -278,14 +281,49 @@ def _findings_section(rows, out_dir):
             lo, hi = s_.ci
             acc = f"{s_.mean:.3f} ± {s_.std:.3f}" if s_.n > 1 else (f"{s_.mean:.3f}" if s_.values else "-")
             ci = f"[{lo:.3f}, {hi:.3f}]" if s_.n > 1 else "-"
-            grid = ", ".join(f"{lr:g}: {v:.2f}" for lr, v in sorted(s_.grid.items()))
+            grid = ", ".join(f"{fd.choice_text(k) if isinstance(k, tuple) else f'{k:g}'}: {v:.2f}"
+                             for k, v in sorted(s_.grid.items(), key=lambda kv: kv[0] if isinstance(kv[0], tuple)
+                                                else (kv[0],)))
             state = _fmt(s_.state_bytes, "B") if s_.state_bytes else "-"
-            lines.append(f"| {rank} | {s_.mixer} | {s_.lr if s_.lr is None else f'{s_.lr:g}'} | {s_.n} | {acc} | "
+            lr = "None" if s_.lr is None else fd.choice_text((s_.lr, s_.weight_decay))
+            lines.append(f"| {rank} | {s_.mixer} | {lr} | {s_.n} | {acc} | "
                          f"{ci} | {s_.flag_text()} | {state} | {grid} |")
         lines.append("")
+    if c0.get("score_by_task"):
+        lines += _task_scores(summaries, tasks)
     lines += _findings_plots(summaries, tasks, out_dir)
     lines += _claims_section(rows, c0.get("claims", ""))
     return lines
+
+
+def _task_scores(summaries, tasks) -> list[str]:
+    """MAD's score: per mixer and task, the mean over the task's settings of the test accuracy
+    (each setting's mean over its seeds); a task with settings still missing says how many it has."""
+    settings = defaultdict(set)
+    for st, (task, _, _) in tasks.items():
+        settings[task].add(st)
+    by = {(s_.setting, s_.mixer): s_ for s_ in summaries if s_.values}
+    mixers = sorted({s_.mixer for s_ in summaries})
+    names = sorted(settings)
+    lines = ["### Score per task", "",
+             "Each mixer's mean test accuracy over a task's settings (MAD's score per task); where settings have no "
+             "finished runs yet, the mean of those that have, with their count.", "",
+             "| mixer | " + " | ".join(names) + " | mean over tasks |", "|---" * (len(names) + 2) + "|"]
+    for m in mixers:
+        cells, means = [], []
+        for t in names:
+            got = [by[st, m].mean for st in sorted(settings[t]) if (st, m) in by]
+            if not got:
+                cells.append("-")
+                continue
+            mean = sum(got) / len(got)
+            whole = len(got) == len(settings[t])
+            cells.append(f"{mean:.3f}" + ("" if whole else f" ({len(got)} of {len(settings[t])})"))
+            if whole:
+                means.append(mean)
+        overall = f"{sum(means) / len(means):.3f}" if len(means) == len(names) else "-"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {overall} |")
+    return lines + [""]
 
 
 def _lines_along(x: str, varying: list[str], values: dict) -> dict[tuple, list[str]]:

@@ -8,6 +8,7 @@ errors that name the field. A case is one measurement, run in its own process by
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -87,11 +88,16 @@ class FindingsSpec:
     # improving: it is run again with this many steps and counts in its place; 0: none. Where
     # no run needs it, its rows read "skipped" and cost nothing
     extend_steps: int = 0
+    # a weight-decay grid crossed with lrs (MAD's {0, 0.1}); the best (lr, weight decay) by
+    # validation is the choice. Empty: no grid, train.weight_decay as given
+    weight_decays: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_seed: int = 0  # fixed: every run sees the same validation and test sets
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     claims: str = ""  # a claims file: a path, or a name of zoo/suites/ (e.g. claims.yaml)
+    # the report adds each mixer's mean over a task's settings (MAD's score per task)
+    score_by_task: bool = False
 
 
 @dataclass
@@ -167,10 +173,15 @@ class Suite:
                 raise ZooConfigError(f"suite {self.name!r}: findings.extend_steps ({f.extend_steps}) must exceed every "
                                      f"setting's train.max_steps (up to {max(budgets)}): it is the longer budget for "
                                      "runs still improving at theirs; 0 turns it off")
-            for key in ("lr", "seed", "data_seed"):
+            if any(w < 0 for w in f.weight_decays) or len(set(f.weight_decays)) != len(f.weight_decays):
+                raise ZooConfigError(f"suite {self.name!r}: findings.weight_decays must be distinct and >= 0; got "
+                                     f"{f.weight_decays}")
+            owned = ("lr", "seed", "data_seed") + (("weight_decay",) if f.weight_decays else ())
+            for key in owned:
                 if key in f.train or any(key in st.train for st in f.settings.values()):
                     raise ZooConfigError(f"suite {self.name!r}: findings sets train.{key} itself (findings.lrs, "
-                                         "findings.seeds, findings.data_seed); remove it from findings.train")
+                                         "findings.seeds, findings.data_seed, findings.weight_decays); remove it "
+                                         "from findings.train")
         for spec, key in ((self.speed, "lengths"), (self.decode, "contexts")):
             if spec and (not getattr(spec, key) or min(getattr(spec, key)) < 1):
                 raise ZooConfigError(f"suite {self.name!r}: {key} must be a non-empty list of positive lengths")
@@ -266,9 +277,13 @@ def cases(suite: Suite) -> list[dict]:
                                  f"suite {suite.name!r}: {what}.args")
             for c in mine:
                 c["args"] = split[c["mixer"]]
+    checked = set()  # one check per model and task: a findings grid repeats them for every rate
     for c in out:  # a training case's model settings fail here, before any case runs
         if c["kind"] in ("quality", "extrapolation", "findings"):
-            _check_model(suite.name, c)
+            what = json.dumps([c["mixer"], c["model"], c["task"], c["task_args"]], sort_keys=True, default=str)
+            if what not in checked:
+                _check_model(suite.name, c)
+                checked.add(what)
         c["threads"] = suite.threads
         if c["kind"] in ("speed", "decode") or suite.allocator != "keep":
             c["allocator"] = suite.allocator
@@ -287,6 +302,7 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
     # nearest first on each side; "extend" k waits for the tune cases and extensions k' < k
     beyond = sorted([(k + 1, x) for k, x in enumerate(up)] + [(k + 1, x) for k, x in enumerate(down)])
     tune, seeds, longer = [], [], []
+    wds = [{"weight_decay": w} for w in f.weight_decays] or [{}]  # {}: no grid, train.weight_decay as given
     for name, st in f.settings.items():
         task = reg.build_task(st.task, **st.args)
         model = _merge(f.model, st.model)
@@ -295,25 +311,34 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
             if task.causal and not (e.causal and (e.strictly_causal or model.get("allow_causal_leak"))):
                 continue  # the protocol compares what the task allows (listed in the report's setup)
             base = {"kind": "findings", "setting": name, "mixer": mixer, "task": st.task, "task_args": st.args,
-                    "model": model, "chance": task.chance, "claims": f.claims}
+                    "model": model, "chance": task.chance, "claims": f.claims,
+                    **({"score_by_task": True} if f.score_by_task else {})}
             for lr in f.lrs:
-                train = {**_merge(f.train, st.train), "lr": lr, "seed": f.seeds[0], "data_seed": f.data_seed}
-                tune.append({**base, "phase": "tune", "train": train,
-                             "key": f"findings/{name}/{mixer}/lr={lr:g}/seed={f.seeds[0]}"})
+                for wd in wds:
+                    train = {**_merge(f.train, st.train), "lr": lr, **wd, "seed": f.seeds[0], "data_seed": f.data_seed}
+                    tune.append({**base, "phase": "tune", "train": train,
+                                 "key": f"findings/{name}/{mixer}/lr={lr:g}{_wd(wd)}/seed={f.seeds[0]}"})
             for rank, lr in beyond:
-                train = {**_merge(f.train, st.train), "lr": lr, "seed": f.seeds[0], "data_seed": f.data_seed}
-                tune.append({**base, "phase": "extend", "extend": rank, "train": train,
-                             "key": f"findings/{name}/{mixer}/lr={lr:g}/seed={f.seeds[0]}"})
+                for wd in wds:
+                    train = {**_merge(f.train, st.train), "lr": lr, **wd, "seed": f.seeds[0], "data_seed": f.data_seed}
+                    tune.append({**base, "phase": "extend", "extend": rank, "train": train,
+                                 "key": f"findings/{name}/{mixer}/lr={lr:g}{_wd(wd)}/seed={f.seeds[0]}"})
+            best = {"lr": "best", **({"weight_decay": "best"} if f.weight_decays else {})}
             for seed in f.seeds[1:]:
-                train = {**_merge(f.train, st.train), "lr": "best", "seed": seed, "data_seed": f.data_seed}
+                train = {**_merge(f.train, st.train), **best, "seed": seed, "data_seed": f.data_seed}
                 seeds.append({**base, "phase": "seed", "train": train,
                               "key": f"findings/{name}/{mixer}/best/seed={seed}"})
             for seed in f.seeds if f.extend_steps else ():
-                train = {**_merge(f.train, st.train), "lr": "best", "seed": seed, "data_seed": f.data_seed,
+                train = {**_merge(f.train, st.train), **best, "seed": seed, "data_seed": f.data_seed,
                          "max_steps": f.extend_steps}
                 longer.append({**base, "phase": "longer", "train": train,
                                "key": f"findings/{name}/{mixer}/longer/seed={seed}"})
     return tune + seeds + longer
+
+
+def _wd(wd: dict) -> str:
+    """The weight decay's part of a tune case's key: ',wd=0.1' with a weight-decay grid."""
+    return f",wd={wd['weight_decay']:g}" if wd else ""
 
 
 def _merge(a: dict, b: dict) -> dict:

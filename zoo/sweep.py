@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from zoo.errors import ZooConfigError
-from zoo.findings import choose_lr, extension_needed, longer_needed, lr_of
+from zoo.findings import choice_of, choice_text, choose, extension_needed, longer_needed
 
 
 def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -236,11 +236,11 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         if any(o["key"].startswith(prefix) and o.get("phase") in ("tune", "extend") and not finished(o)
                for o in todo):
             return False
-        lr = choose_lr([r for k, r in done.items() if k.startswith(prefix)])
+        choice = choose([r for k, r in done.items() if k.startswith(prefix)])
         if c["phase"] == "longer" and row.get("status") == "skipped":
-            base = _base_row(c, lr, list(done.values()))
-            return base is not None and row.get("lr") == lr and _finished_at(base) <= _finished_at(row)
-        return row.get("lr") == lr
+            base = _base_row(c, choice, list(done.values()))
+            return base is not None and choice_of(row) == choice and _finished_at(base) <= _finished_at(row)
+        return choice_of(row) == choice
 
     pending = [c for c in todo if not finished(c)]
     try:
@@ -257,7 +257,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         row = done.get(c["key"])
         return (c.get("phase") in ("seed", "longer") and row is not None and not redo(c["key"])
                 and row.get("status") == "ok" and row.get("case") == json.loads(json.dumps(c))
-                and row.get("lr") == run["train"]["lr"] and not (retry_failed and _contended(row)))
+                and choice_of(row) == _choice(run) and not (retry_failed and _contended(row)))
 
     def record(case: dict, row: dict) -> None:
         row.update(suite=suite.name, command=command, finished_at=time.time())
@@ -280,10 +280,10 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             except ZooConfigError as e:
                 return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
             if case["phase"] == "longer" and not reusable(case, run):  # only where its seed's run still rose
-                why = longer_needed(_base_row(case, run["train"]["lr"], rows), case["train"].get("stop_at", 0.0))
+                why = longer_needed(_base_row(case, _choice(run), rows), case["train"].get("stop_at", 0.0))
                 if why is not None:
                     return run, {"key": case["key"], "case": case, "status": "skipped", "reason": why,
-                                 "lr": run["train"]["lr"], "wall_s": 0.0}
+                                 **_resolved(run), "wall_s": 0.0}
         if case.get("phase") == "extend":  # a rate beyond the grid: only where the choice sits at its edge
             prefix = _tune_prefix(case)
             why = extension_needed(case, [r for r in collect([out_dir]) if r["key"].startswith(prefix)])
@@ -300,7 +300,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         if "visible_devices" in run:
             row["visible_devices"] = run["visible_devices"]
         if case.get("kind") == "findings":
-            row["lr"] = run["train"]["lr"]
+            row.update(_resolved(run))
         return row
 
     _prepare(pending)
@@ -482,9 +482,10 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], "changed"))
         elif _entry_changed(c, row):
             out.append((c["key"], f"changed (the registry entry of {c['mixer']!r})"))
-        elif c.get("phase") in ("seed", "longer") and row.get("status") in ("ok", "skipped") and row.get("lr") != (
-                lr := choose_lr([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
-            out.append((c["key"], f"stale (lr {row.get('lr')}; the tuning now chooses {lr})"))
+        elif c.get("phase") in ("seed", "longer") and row.get("status") in ("ok", "skipped") and choice_of(row) != (
+                choice := choose([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
+            out.append((c["key"], f"stale (lr {choice_text(choice_of(row))}; the tuning now chooses "
+                                  f"{choice_text(choice)})"))
         elif c.get("phase") in ("seed", "longer") and _tune_prefix(c) in open_ext:
             out.append((c["key"], f"{row.get('status')} (a rate beyond the grid may still change its lr)"))
         else:
@@ -629,24 +630,39 @@ def _group_prefix(case: dict) -> str:
     return f"findings/{case['setting']}/{case['mixer']}/"
 
 
-def _base_row(case: dict, lr: float | None, rows: list[dict]) -> dict | None:
-    """The run a longer-budget case extends: its seed's run of the chosen rate ``lr`` at the base
-    budget (the tune or extension row for the first seed, the seed row for the others), the one
-    finished last; None where there is none."""
+def _base_row(case: dict, choice: tuple | None, rows: list[dict]) -> dict | None:
+    """The run a longer-budget case extends: its seed's run of the chosen rate (and weight decay)
+    at the base budget (the tune or extension row for the first seed, the seed row for the
+    others), the one finished last; None where there is none."""
     found = [r for r in rows if r["key"].startswith(_group_prefix(case)) and r.get("status") != "skipped"
              and r.get("case", {}).get("phase") in ("tune", "extend", "seed")
-             and r["case"]["train"].get("seed") == case["train"]["seed"] and lr is not None and lr_of(r) == lr]
+             and r["case"]["train"].get("seed") == case["train"]["seed"] and choice is not None
+             and choice_of(r) == choice]
     return max(found, key=_finished_at, default=None)
 
 
+def _choice(run: dict) -> tuple:
+    """The (lr, weight decay) a resolved findings case runs with, as :func:`choice_of` reads it."""
+    return run["train"]["lr"], run["train"].get("weight_decay")
+
+
+def _resolved(run: dict) -> dict:
+    """What a findings row records of its resolved case: the lr, and the weight decay of a grid."""
+    wd = run["train"].get("weight_decay")
+    return {"lr": run["train"]["lr"], **({"weight_decay": wd} if wd is not None else {})}
+
+
 def resolve_best_lr(case: dict, rows: list[dict]) -> dict:
-    """A seed case of the findings protocol with lr 'best' replaced by the tune runs' choice."""
+    """A seed or longer-budget case of the findings protocol with lr 'best' (and weight decay
+    'best', with a weight-decay grid) replaced by the tune runs' choice."""
     prefix = _tune_prefix(case)
-    lr = choose_lr([r for r in rows if r["key"].startswith(prefix)])
-    if lr is None:
+    choice = choose([r for r in rows if r["key"].startswith(prefix)])
+    if choice is None:
         raise ZooConfigError(f"{case['key']}: no finished tune run of {case['mixer']} on {case['setting']} to choose "
                              "the learning rate from (tune cases run first; rerun the suite)")
-    return {**case, "train": {**case["train"], "lr": lr}}
+    lr, wd = choice
+    return {**case, "train": {**case["train"], "lr": lr,
+                              **({"weight_decay": wd} if case["train"].get("weight_decay") == "best" else {})}}
 
 
 def child_row(case: dict) -> dict:
