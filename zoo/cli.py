@@ -202,6 +202,8 @@ def config_keys() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from zoo.suite import builtin_suites
+
     p = argparse.ArgumentParser(prog="zoo", description=__doc__)
     p.add_argument(
         "--registry", action="append", default=[], metavar="FILE",
@@ -232,9 +234,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="test (every test set of the task) or val")
     s.set_defaults(func=cmd_test)
     s = sub.add_parser("bench", help="run a benchmark suite and write its report",
-                       description="Run a suite (built-in: default, speed, decode, quality, extrapolation, "
-                                   "findings; or a YAML path), one process per case, appending to results.jsonl; "
-                                   "a rerun resumes.")
+                       description=f"Run a suite (built-in: {', '.join(builtin_suites())}; or a YAML path), one "
+                                   "process per case, appending to results.jsonl; a rerun resumes.")
     s.add_argument("suite", nargs="?", default="default")
     s.add_argument("--quick", action="store_true", help="the suite's quick variant")
     s.add_argument("--out", help="results directory (default bench-results/SUITE)")

@@ -258,8 +258,9 @@ def _findings_section(rows, out_dir):
              "seeds. Budget: "
              f"{_kv(train)}; model: {_kv(c0.get('model', {}))}. Flags count runs: converged = reached the "
              f"validation target; still_improving = validation accuracy rose by more than {fd.IMPROVING} over the "
-             "last quarter of the run; longer_budget = the run counted is its longer-budget rerun; AT CHANCE = "
-             "mean within max(0.02, 2 standard errors) of the chance level; "
+             "last quarter of the run; "
+             + ("longer_budget = the run counted is its longer-budget rerun; " if longer else "")
+             + "AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level; "
              "LR AT EDGE = the chosen rate is the smallest or largest tried and its run did not converge (not tuned). "
              "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "
              "its own to the count less those wholly below (overlapping intervals are never ordered).", ""]

@@ -69,7 +69,10 @@ class Task(L.LightningDataModule):
     # -- what subclasses define ------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """The token alphabet's size: ``self.vocab`` where a task keeps its vocabulary there."""
+        if not hasattr(self, "vocab"):
+            raise NotImplementedError(f"{type(self).__name__} sets neither self.vocab nor vocab_size")
+        return self.vocab
 
     @property
     def n_classes(self) -> int:

@@ -29,10 +29,6 @@ class Compression(Task):
         self.vocab = vocab
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def chance(self) -> float:
         return 1.0 / (self.vocab - 1)
 

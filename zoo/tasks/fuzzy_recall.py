@@ -43,10 +43,6 @@ class FuzzyRecall(Task):
         self.vocab, self.key_motif, self.value_motif, self.n_keys = vocab, key_motif, value_motif, n_keys
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def chance(self) -> float:
         return 1.0 / (self.vocab - 1 - self.n_keys)
 

@@ -24,10 +24,6 @@ class Induction(Task):
         self.test_lengths = list(test_lengths) or [seq_len, 2 * seq_len, 4 * seq_len]
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def chance(self) -> float:
         return 1.0 / (self.vocab - 2)  # the recalled token is one of 1..vocab-2
 

@@ -33,10 +33,6 @@ class Memorization(Task):
         self.table = torch.randperm(n_values, generator=g)[: self.n_keys] + self.n_keys  # key -> value
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def chance(self) -> float:
         return 1.0 / (self.vocab - 1 - self.n_keys)
 

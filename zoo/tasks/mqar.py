@@ -50,10 +50,6 @@ class MQAR(Task):
         self.power_a, self.filler, self.reveal_answers = power_a, filler, reveal_answers
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def chance(self) -> float:
         return 1.0 / (self.vocab - 1 - self.n_keys)  # values come from the upper half
 

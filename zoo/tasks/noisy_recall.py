@@ -42,10 +42,6 @@ class NoisyRecall(Task):
         self.n_keys = (vocab - noise_vocab) // 2  # keys 0..n_keys-1, values n_keys..vocab-noise_vocab-1
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def n_values(self) -> int:
         return self.vocab - self.noise_vocab - self.n_keys
 

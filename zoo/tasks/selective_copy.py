@@ -25,10 +25,6 @@ class SelectiveCopy(Task):
         self.vocab, self.n_tokens = vocab, n_tokens
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab
-
-    @property
     def chance(self) -> float:
         return 1.0 / (self.vocab - 3)  # data tokens 1..vocab-3
 
