@@ -595,6 +595,9 @@ def test_the_mad_grid_is_mads():
         for name, args in named:
             assert sum(args[k] != base[k] for k in base) == (0 if name == t else 1), name
     assert all(c.get("score_by_task") for c in cs)
+    groups = {c["setting"]: c.get("group", c["task"]) for c in cs}  # recall and noisy recall: two MAD tasks
+    assert sorted(set(groups.values())) == ["compression", "fuzzy_recall", "in_context_recall", "memorization",
+                                            "noisy_recall", "selective_copy"]
     assert len(cases(load_suite("mad", quick=True))) == 6 * 2
 
 
@@ -608,7 +611,7 @@ def test_a_score_per_task_is_the_mean_over_its_settings(tmp_path):
     p = tmp_path / "scores.yaml"
     p.write_text(TINY.replace("  claims: claims.yaml\n", "  score_by_task: true\n").replace("seeds: [0, 1]", "seeds: [0]").replace(
         "    p1: {task: mqar,", "    p2: {task: mqar, args: {vocab: 16, seq_len: 16, n_pairs: 2, train_size: 0, test_size: 32}}\n"
-        "    c1: {task: compression, args: {vocab: 6, seq_len: 8, train_size: 0, test_size: 32}}\n"
+        "    c1: {task: compression, group: squeeze, args: {vocab: 6, seq_len: 8, train_size: 0, test_size: 32}}\n"
         "    p1: {task: mqar,"))
     acc = {("p1", "softmax"): 0.9, ("p2", "softmax"): 0.7, ("c1", "softmax"): 0.4, ("p1", "linear"): 0.5,
            ("p2", "linear"): 0.3}
@@ -622,8 +625,8 @@ def test_a_score_per_task_is_the_mean_over_its_settings(tmp_path):
 
     out = run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, runner=runner)
     text = write_report([json.loads(x) for x in out.read_text().splitlines()], tmp_path / "out").read_text()
-    assert "### Score per task" in text and "| mixer | compression | mqar | mean over tasks |" in text
-    assert "| softmax | 0.400 | 0.800 | 0.600 |" in text and "| linear | - | 0.400 | - |" in text
+    assert "### Score per task" in text and "| mixer | mqar | squeeze | mean over tasks |" in text  # c1's group
+    assert "| softmax | 0.800 | 0.400 | 0.600 |" in text and "| linear | 0.400 | - | - |" in text
 
 
 def test_findings_suite_errors(tmp_path):

@@ -291,18 +291,20 @@ def _findings_section(rows, out_dir):
                          f"{ci} | {s_.flag_text()} | {state} | {grid} |")
         lines.append("")
     if c0.get("score_by_task"):
-        lines += _task_scores(summaries, tasks)
+        groups = {r["case"]["setting"]: r["case"].get("group") or r["case"]["task"] for r in frows}
+        lines += _task_scores(summaries, groups)
     lines += _findings_plots(summaries, tasks, out_dir)
     lines += _claims_section(rows, c0.get("claims", ""))
     return lines
 
 
-def _task_scores(summaries, tasks) -> list[str]:
-    """MAD's score: per mixer and task, the mean over the task's settings of the test accuracy
-    (each setting's mean over its seeds); a task with settings still missing says how many it has."""
+def _task_scores(summaries, groups: dict[str, str]) -> list[str]:
+    """MAD's score: per mixer and task (a setting's ``group``, else its task), the mean over the
+    task's settings of the test accuracy (each setting's mean over its seeds); a task with
+    settings still missing says how many it has."""
     settings = defaultdict(set)
-    for st, (task, _, _) in tasks.items():
-        settings[task].add(st)
+    for st, group in groups.items():
+        settings[group].add(st)
     by = {(s_.setting, s_.mixer): s_ for s_ in summaries if s_.values}
     mixers = sorted({s_.mixer for s_ in summaries})
     names = sorted(settings)

@@ -70,6 +70,7 @@ class FindingsSetting:
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     mixers: Union[list[str], None] = None  # noqa: UP007  None: the suite's
+    group: str = ""  # what the report's score per task counts it under; "": its task's name
 
 
 @dataclass
@@ -312,7 +313,7 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
                 continue  # the protocol compares what the task allows (listed in the report's setup)
             base = {"kind": "findings", "setting": name, "mixer": mixer, "task": st.task, "task_args": st.args,
                     "model": model, "chance": task.chance, "claims": f.claims,
-                    **({"score_by_task": True} if f.score_by_task else {})}
+                    **({"score_by_task": True} if f.score_by_task else {}), **({"group": st.group} if st.group else {})}
             for lr in f.lrs:
                 for wd in wds:
                     train = {**_merge(f.train, st.train), "lr": lr, **wd, "seed": f.seeds[0], "data_seed": f.data_seed}
