@@ -386,8 +386,11 @@ def test_runs_still_improving_run_again_with_the_longer_budget(tmp_path):
     assert all(c["train"]["lr"] == "best" for c in longer)
     order = []
 
+    timeouts = {}
+
     def runner(case, timeout):  # softmax seed 1 still rises at 30 steps; with 90 it converges
         order.append((case["key"], case["train"]["lr"], case["train"]["max_steps"]))
+        timeouts[case["key"]] = timeout
         m, seed, steps = case["mixer"], case["train"]["seed"], case["train"]["max_steps"]
         acc = 0.995 if m == "softmax" and seed == 0 else 0.5 if m == "linear" else 0.9
         curve = [[15, acc], [30, acc]]
@@ -401,6 +404,8 @@ def test_runs_still_improving_run_again_with_the_longer_budget(tmp_path):
     run_suite(suite, tmp_path / "out", progress=False, jobs=2, runner=runner)
     ran_longer = [x for x in order if "/longer/" in x[0]]
     assert ran_longer == [("findings/p1/softmax/longer/seed=1", 1e-3, 90)], order
+    # the suite's timeout is for 30 steps: the 90-step run gets three times as long
+    assert timeouts["findings/p1/softmax/longer/seed=1"] == 1800 and timeouts["findings/p1/softmax/best/seed=1"] == 600
     softmax = [k for k, _, _ in order if "/softmax/" in k]
     assert softmax[-1] == "findings/p1/softmax/longer/seed=1" and "findings/p1/softmax/best/seed=2" in softmax[:-1]
     rows = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}

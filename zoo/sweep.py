@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import subprocess
 import sys
@@ -280,10 +281,16 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             except ZooConfigError as e:
                 return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
             if case["phase"] == "longer" and not reusable(case, run):  # only where its seed's run still rose
-                why = longer_needed(_base_row(case, _choice(run), rows), case["train"].get("stop_at", 0.0))
+                base = _base_row(case, _choice(run), rows)
+                why = longer_needed(base, case["train"].get("stop_at", 0.0))
                 if why is not None:
                     return run, {"key": case["key"], "case": case, "status": "skipped", "reason": why,
                                  **_resolved(run), "wall_s": 0.0}
+                # the suite's timeout is for its base budget: a longer one gets as much more time
+                from zoo.config import TrainConfig
+
+                base_steps = base["case"]["train"].get("max_steps", TrainConfig.max_steps)
+                run["timeout"] = math.ceil(suite.timeout * case["train"]["max_steps"] / base_steps)
         if case.get("phase") == "extend":  # a rate beyond the grid: only where the choice sits at its edge
             prefix = _tune_prefix(case)
             why = extension_needed(case, [r for r in collect([out_dir]) if r["key"].startswith(prefix)])
@@ -361,7 +368,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                         continue
                     if gpus > 1:
                         run["visible_devices"] = str(free.pop(0))
-                    running[pool.submit(runner, run, suite.timeout)] = (c, run)
+                    running[pool.submit(runner, run, run.pop("timeout", suite.timeout))] = (c, run)
                 if not running:
                     continue
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
