@@ -660,7 +660,7 @@ def test_report_of_a_partial_run_says_no_seed_runs_finished():
 
     tune_only = [row("s", "m", lr, 0, 0.5) for lr in (1e-3, 3e-3)]
     text = "\n".join(_findings_section(tune_only, None))
-    assert "rerun on init seeds (none finished yet" in text
+    assert "rerun on init seeds (none in these results" in text
     both = tune_only + [row("s", "m", 1e-3, 1, 0.6, chosen=1e-3)]
     assert "rerun on init seeds [1]" in "\n".join(_findings_section(both, None))
 
