@@ -527,6 +527,9 @@ def test_forked_cases_report_like_fresh_interpreters():
     assert forked["status"] == fresh["status"] == "ok"
     assert set(forked["result"]) == set(fresh["result"]) and forked["env"]["threads"] == 1
     assert forked["env"]["launcher"] == "forkserver" and fresh["env"]["launcher"] == "subprocess"
+    from zoo.measure import code_revision
+
+    assert forked["env"]["git"] == fresh["env"]["git"] == code_revision() != ""  # the code that ran
     bad = run_forked({**case, "mixer": "nope"}, 120)
     assert bad["status"] == "error" and "unknown mixer 'nope'" in bad["error"]
     slow = {"key": "q", "kind": "quality", "mixer": "softmax", "task": "mqar", "threads": 1,
@@ -540,6 +543,20 @@ def test_forked_cases_report_like_fresh_interpreters():
     time.sleep(0.5)  # the server reaps its killed child
     children = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout.split()
     assert children == [], f"case processes left under the fork server: {children}"
+
+
+def test_the_fork_server_preloads_every_registered_class():
+    """A case forked from the sweep's server must run the code of the sweep's start throughout:
+    a module it imported only at case time would come from the checkout as edited since, beside
+    preloaded modules of the old code. So zoo.preload imports every class the registry names."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zoo.preload; from zoo.registry import KINDS, default_registry; "
+            "print([e.class_path for k in KINDS for e in default_registry().entries(k) "
+            "if e.class_path and e.class_path.rsplit('.', 1)[0] not in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
 
 
 KILLED_SWEEP = """

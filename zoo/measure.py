@@ -43,7 +43,6 @@ def environment(device: str | torch.device = "cpu") -> dict:
     platform, git revision, and the load when it was taken."""
     import platform
     import subprocess
-    from pathlib import Path
 
     device = torch.device(device)
     env = {"device": device.type}
@@ -60,17 +59,40 @@ def environment(device: str | torch.device = "cpu") -> dict:
     env["cpu"] = cpu_model()
     env["cores"] = os.cpu_count()
     env["isa"] = torch.backends.cpu.get_cpu_capability()
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
     env.update({"host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "allocator": _allocator, "launcher": os.environ.get("ZOO_LAUNCHER", "subprocess"),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                "python": platform.python_version(), "platform": platform.platform(), "git": rev or "unknown"})
+                "python": platform.python_version(), "platform": platform.platform(), "git": code_revision()})
     return env
+
+
+_REVISION: str | None = None
+
+
+def code_revision() -> str:
+    """The git revision of the zoo's code, with '+edits' where its tracked files (the package and
+    registry.yaml) differ from it; 'unknown' outside a checkout. Taken once per process: a case
+    forked from the sweep's server inherits the server's, the revision of the code it runs (the
+    server imported it all when it started, zoo.preload), not of a checkout edited since."""
+    import subprocess
+    from pathlib import Path
+
+    global _REVISION
+    if _REVISION is None:
+        root = Path(__file__).resolve().parent.parent
+
+        def git(*args: str) -> str:
+            try:
+                out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=root)
+                return out.stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return ""
+
+        rev = git("rev-parse", "--short", "HEAD")
+        edited = rev and git("status", "--porcelain", "--untracked-files=no", "--", "zoo", "registry.yaml")
+        _REVISION = (rev + ("+edits" if edited else "")) if rev else "unknown"
+    return _REVISION
 
 
 ALLOCATORS = ("keep", "system")
