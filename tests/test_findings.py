@@ -303,6 +303,55 @@ def test_a_choice_that_moves_reruns_its_seed_runs_and_one_that_stays_keeps_them(
     assert third == []
 
 
+def test_an_edge_tied_with_the_choice_is_extended_and_a_skip_is_judged_again(tmp_path):
+    """Rates that all sit on one plateau (mqar's floor) choose among ties by noise: Mamba at width
+    32 chose 1e-3 over 3e-3 at 0.25 both, and needs 1e-2. An edge within EDGE_TIE of the best,
+    short of the target, is not shown worse, so its extension runs; a skip judged on other rows
+    (or under an older rule) is judged again when the sweep resumes, and the seed runs follow."""
+    from zoo.suite import load_suite
+    from zoo.sweep import case_status, run_suite
+
+    up = {"train": {"lr": 1e-2, "stop_at": 0.99}}
+    tie = [row("s", "m", 1e-3, 0, 0.25), row("s", "m", 3e-3, 0, 0.245)]
+    assert fd.extension_needed(up, tie) is None
+    (s,) = fd.summarize(tie)
+    assert s.lr == 1e-3 and s.edge  # chosen inside nothing: both rates are edges, tied
+    apart = [row("s", "m", 1e-3, 0, 0.25), row("s", "m", 3e-3, 0, 0.2)]
+    assert "not their edge 0.003 (0.050 lower on validation)" in fd.extension_needed(up, apart)
+    p = tmp_path / "ext.yaml"
+    p.write_text(TINY.replace("mixers: [softmax, linear]", "mixers: [softmax]").replace(
+        "lrs: [1.0e-3, 3.0e-3]", "lrs: [1.0e-3, 3.0e-3]\n  extend_lrs: [1.0e-2]"))
+    curve = {1e-3: 0.25, 3e-3: 0.1, 1e-2: 0.995}
+    first = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
+              runner=_scripted(first, lambda m, lr: curve[lr]))
+    assert [lr for _, lr in first] == [1e-3, 3e-3, 1e-3]  # 3e-3 far below: 1e-2 skipped, seed at 1e-3
+    curve[3e-3] = 0.245  # the 3e-3 run again, now level with 1e-3: the skip no longer holds
+    status = dict(case_status(load_suite(str(p)), tmp_path / "out"))
+    assert status["findings/p1/softmax/lr=0.01/seed=0"] == "skipped"
+    second = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1, rerun="findings/p1/softmax/lr=0.003/*",
+              runner=_scripted(second, lambda m, lr: curve[lr]))
+    assert [k for k, _ in second] == ["findings/p1/softmax/lr=0.003/seed=0", "findings/p1/softmax/lr=0.01/seed=0",
+                                      "findings/p1/softmax/best/seed=1"]
+    assert second[-1][1] == 1e-2
+    status = dict(case_status(load_suite(str(p)), tmp_path / "out"))
+    assert set(status.values()) == {"ok"}, status
+    # a skipped row that the rows on file now call for (an older rule wrote it): pending, then run
+    results = tmp_path / "out" / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    ext = next(r for r in reversed(rows) if r["key"] == "findings/p1/softmax/lr=0.01/seed=0")
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows if r is not ext) + json.dumps(
+        {"key": ext["key"], "case": ext["case"], "status": "skipped", "wall_s": 0.0,
+         "reason": "the rates tried chose 0.001, not their edge 0.003", "finished_at": ext["finished_at"]}) + "\n")
+    assert dict(case_status(load_suite(str(p)), tmp_path / "out"))["findings/p1/softmax/lr=0.01/seed=0"] == (
+        "pending (skipped before; the rates tried now call for it)")
+    third = []
+    run_suite(load_suite(str(p)), tmp_path / "out", progress=False, jobs=1,
+              runner=_scripted(third, lambda m, lr: curve[lr]))
+    assert [k for k, _ in third] == ["findings/p1/softmax/lr=0.01/seed=0"]  # the seed run at 1e-2 stands
+
+
 def test_a_case_that_needs_no_run_does_not_hold_a_slot(tmp_path):
     """With two jobs, a skipped extension must not leave its slot idle until the other case
     ends: the next ready case starts at once (here the second linear run, which the first

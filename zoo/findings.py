@@ -30,6 +30,7 @@ from typing import Any
 
 from zoo.errors import ZooConfigError, read_yaml, unknown
 
+EDGE_TIE = 0.02  # an edge rate this close to the best on validation is not shown worse: extend past it
 IMPROVING = 0.02  # rise in validation accuracy over the last quarter of a run that flags "still improving"
 CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors) is "at chance"
 
@@ -63,7 +64,7 @@ class Summary:
     stale: int = 0  # seed runs made with another lr than today's choice (left out)
     floor: float | None = None  # accuracy without the task's skill (Task.floor), where above chance
     bounds: tuple[float, float] = (0.0, 1.0)  # the metric's range: accuracies
-    edge: bool = False  # the chosen rate is the smallest or largest tried and its run did not converge
+    edge: bool = False  # the chosen run did not converge and it, or a rate within EDGE_TIE of it, is an edge
     weight_decay: float | None = None  # the chosen weight decay, with a weight-decay grid
 
     @property
@@ -188,11 +189,14 @@ def choose_lr(tune_rows: list[dict]) -> float | None:
 
 def extension_needed(case: dict, tune_rows: list[dict]) -> str | None:
     """Whether an extension case (a rate beyond the grid) must run, given the tune rows of its
-    mixer and setting so far: None when it must, else why not. It runs where the rates tried
-    chose their own edge on the case's side (the largest tried, for a rate above the grid) and
-    that run did not reach the validation target; a rate chosen at the edge is not tuned. With a
-    weight-decay grid, the rates are those tried at the case's weight decay, and it runs only
-    where the best run has that weight decay."""
+    mixer and setting so far: None when it must, else why not. It runs where the best run tried
+    did not reach the validation target and the rates tried have not shown their edge on the
+    case's side (the largest tried, for a rate above the grid) to be worse: the edge is the
+    choice, or its validation accuracy lies within ``EDGE_TIE`` of the best (a plateau where
+    every rate sits at the floor chooses among ties by noise, and a mixer that needs a larger
+    rate, as Mamba does on mqar, would read as failing the task). A rate chosen at the edge, or
+    tied with it, is not tuned. With a weight-decay grid, the rates are those tried at the
+    case's weight decay, and it runs only where the best run has that weight decay."""
     ok = [r for r in tuning_rows(tune_rows) if r.get("status") == "ok"]
     if not ok:
         return "no finished tune run to extend"
@@ -205,11 +209,14 @@ def extension_needed(case: dict, tune_rows: list[dict]) -> str | None:
     edge = tried[-1] if lr > tried[-1] else tried[0] if lr < tried[0] else None
     if edge is None:
         return f"rate {lr:g} lies inside the rates tried ({', '.join(f'{x:g}' for x in tried)})"
-    if lr_of(best) != edge:
-        return f"the rates tried chose {lr_of(best):g}, not their edge {edge:g}"
     if run_flags(best, case["train"].get("stop_at", 0.0)).get("converged"):
-        return f"the chosen rate {edge:g} reached the validation target"
-    return None
+        return f"the chosen rate {lr_of(best):g} reached the validation target"
+    if lr_of(best) == edge:
+        return None
+    gap = val_score(best)[0] - max(val_score(r)[0] for r in ok if lr_of(r) == edge)
+    if gap <= EDGE_TIE:
+        return None
+    return f"the rates tried chose {lr_of(best):g}, not their edge {edge:g} ({gap:.3f} lower on validation)"
 
 
 def longer_needed(base: dict | None, target: float) -> str | None:
@@ -298,8 +305,11 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
                     bounds=(0.0, 1.0) if metric.endswith("accuracy") else (-math.inf, math.inf))
         target = case["train"].get("stop_at", 0.0)
         rates = [lr_of(r) for r in tune if choice_of(r)[1] == wd]  # tried at the chosen weight decay
-        if chosen and len(rates) > 1 and lr in (min(rates), max(rates)):
-            s.edge = not run_flags(chosen[0], target).get("converged", False)
+        if chosen and len(rates) > 1 and not run_flags(chosen[0], target).get("converged", False):
+            # chosen at an edge of the rates tried, or tied there (extension_needed's rule)
+            tied = [x for x in rates if val_score(max((r for r in tune if lr_of(r) == x and choice_of(r)[1] == wd),
+                                                      key=val_score))[0] >= val_score(chosen[0])[0] - EDGE_TIE]
+            s.edge = min(rates) in tied or max(rates) in tied
         for r in runs:
             if r["case"]["phase"] == "longer":
                 s.flags["longer_budget"] = s.flags.get("longer_budget", 0) + 1

@@ -261,7 +261,8 @@ def _findings_section(rows, out_dir):
              "last quarter of the run; "
              + ("longer_budget = the run counted is its longer-budget rerun; " if longer else "")
              + "AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level; "
-             "LR AT EDGE = the chosen rate is the smallest or largest tried and its run did not converge (not tuned). "
+             "LR AT EDGE = the chosen run did not converge and the smallest or largest rate tried is the chosen one "
+             f"or within {fd.EDGE_TIE} of it on validation (not tuned). "
              "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "
              "its own to the count less those wholly below (overlapping intervals are never ordered).", ""]
     by_setting = defaultdict(list)

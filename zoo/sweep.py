@@ -230,10 +230,16 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
     def current(c: dict, row: dict) -> bool:
         """A seed or longer-budget row counts while its lr is today's choice and nothing of the
         tuning it was chosen from is left to run (a rate beyond the grid may still change the
-        choice); a skipped longer-budget row, while the run it judged is still the latest."""
+        choice); a skipped longer-budget row, while the run it judged is still the latest; a skipped
+        rate beyond the grid, while the rates tried still do not call for it."""
+        prefix = _tune_prefix(c) if c.get("kind") == "findings" else ""
+        if c.get("phase") == "extend" and row.get("status") == "skipped":
+            if any(o["key"].startswith(prefix) and (o.get("phase") == "tune" or (
+                    o.get("phase") == "extend" and o["extend"] < c["extend"])) and not finished(o) for o in todo):
+                return False
+            return not _extension_reopened(c, row, done)
         if c.get("phase") not in ("seed", "longer"):
             return True
-        prefix = _tune_prefix(c)
         if any(o["key"].startswith(prefix) and o.get("phase") in ("tune", "extend") and not finished(o)
                for o in todo):
             return False
@@ -480,7 +486,8 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
     done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)} if out_dir.is_dir() else {}
     out = []
     todo = cases(suite)
-    open_ext = {_tune_prefix(c) for c in todo if c.get("phase") == "extend" and c["key"] not in done}
+    open_ext = {_tune_prefix(c) for c in todo if c.get("phase") == "extend" and (
+        c["key"] not in done or _extension_reopened(c, done[c["key"]], done))}
     for c in todo:
         row = done.get(c["key"])
         if row is None:
@@ -489,6 +496,8 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], "changed"))
         elif _entry_changed(c, row):
             out.append((c["key"], f"changed (the registry entry of {c['mixer']!r})"))
+        elif _extension_reopened(c, row, done):
+            out.append((c["key"], "pending (skipped before; the rates tried now call for it)"))
         elif c.get("phase") in ("seed", "longer") and row.get("status") in ("ok", "skipped") and choice_of(row) != (
                 choice := choose([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
             out.append((c["key"], f"stale (lr {choice_text(choice_of(row))}; the tuning now chooses "
@@ -625,6 +634,15 @@ def _shard_groups(cases: list[dict]) -> list[int]:
     groups: dict[str, int] = {}
     return [groups.setdefault(_tune_prefix(c) if c.get("kind") == "findings" else c["key"], len(groups))
             for c in cases]
+
+
+def _extension_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
+    """A rate beyond the findings grid that was skipped as not needed, which the tune rows now
+    call for (the rule changed, or rows came in after it was judged)."""
+    if case.get("phase") != "extend" or row.get("status") != "skipped":
+        return False
+    prefix = _tune_prefix(case)
+    return extension_needed(case, [r for k, r in done.items() if k.startswith(prefix)]) is None
 
 
 def _tune_prefix(case: dict) -> str:
