@@ -148,6 +148,37 @@ def test_a_run_still_improving_decides_no_claim_it_could_still_change():
         fd.REPRODUCED
 
 
+def test_an_extrapolation_claim_counts_only_the_runs_that_learned_the_task(tmp_path):
+    """Two ALiBi seeds that never learned induction at the training length (test@64 0.10 and 0.06
+    in the reference run) are no evidence that ALiBi fails past it: with ``learned`` they are
+    left out, and the report says so; either verdict then needs three runs that learned."""
+    def ind(accs):  # (test@64, test@256) per seed
+        rows = three("ind", "attn", [a for a, _ in accs])
+        for r, (a64, a256) in zip(rows, accs, strict=True):
+            r["result"]["metrics"] = {"test@64/accuracy": a64, "test@256/accuracy": a256}
+        return rows
+
+    rule = {"kind": "at_least", "mixer": "attn", "settings": ["ind"], "metric": "test@256/accuracy", "value": 0.5}
+    split = ind([(0.997, 0.989), (0.10, 0.04), (0.06, 0.05)])
+    assert fd.evaluate(claim(**rule), split)[0] == fd.NOT_REPRODUCED  # the mean of all three: 0.36
+    verdict, ours = fd.evaluate(claim(**rule, learned=0.9), split)
+    assert verdict == fd.INCONCLUSIVE and "attn @ ind: 0.989 (n=1)" in ours and "2 of 3 runs left out" in ours
+    assert fd.evaluate(claim(**rule, learned=0.9), ind([(1.0, 0.98), (0.99, 0.97), (0.995, 0.99)]))[0] == fd.REPRODUCED
+    verdict, ours = fd.evaluate(claim(**rule, learned=0.9), ind([(0.1, 0.04)] * 3))
+    assert verdict == fd.INCONCLUSIVE and "no run learned the task" in ours
+    # below the bar on two runs that learned: a verdict either way needs three
+    two = ind([(1.0, 0.04), (0.99, 0.05), (0.06, 0.05)])
+    assert fd.evaluate(claim(**rule, learned=0.9), two)[0] == fd.INCONCLUSIVE
+    assert fd.evaluate(claim(**{**rule, "kind": "at_most"}, learned=0.9), two)[0] == fd.INCONCLUSIVE
+    assert fd.evaluate(claim(**rule), ind([(1.0, 0.04), (0.99, 0.05)]))[0] == fd.INCONCLUSIVE
+    p = tmp_path / "c.yaml"
+    for bad in ("{kind: decreases, mixers: [a], settings: [x, y], learned: 0.9}", "{kind: at_least, mixer: a, "
+                "settings: [x], value: 0.5, learned: 1.5}"):
+        p.write_text(f"claims:\n  x: {{claim: c, source: s, rule: {bad}}}\n")
+        with pytest.raises(zoo.ZooConfigError, match=r"'learned' .* is a number in \(0, 1\] on an at_least or at_most rule"):
+            fd.load_claims(p)
+
+
 def test_claims_file_is_checked(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("claims:\n  x: {claim: c, source: s, rule: {kind: bigger}}\n")

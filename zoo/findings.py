@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -376,17 +376,24 @@ def load_claims(path: str | Path) -> list[Claim]:
         kind = c["rule"].get("kind")
         if kind not in RULES:
             raise unknown("rule kind", kind, RULES, where)
+        learned = c["rule"].get("learned")
+        if learned is not None and (kind not in ("at_least", "at_most") or isinstance(learned, bool)
+                                    or not isinstance(learned, (int, float)) or not 0 < learned <= 1):
+            raise ZooConfigError(f"{where}: 'learned' (the accuracy at the training length a run must reach to "
+                                 f"count) is a number in (0, 1] on an at_least or at_most rule; got {learned!r} "
+                                 f"on {kind}")
         out.append(Claim(name, c["claim"], c["source"], dict(c["rule"])))
     return out
 
 
 def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
     """(verdict, our numbers) for one claim, on the metric its rule names (default test
-    accuracy). A missing mixer or setting, fewer than 3 runs, or a run still improving where
-    more budget could change the verdict make it inconclusive: a mean short of an ``at_least``
-    bar or under an ``at_most`` one; a ``decreases`` drop too small at a still-improving easier
-    setting, or large against a still-improving harder one; a ``higher`` gap whose trailing
-    mixer still improves."""
+    accuracy; with ``learned``, an at_least or at_most rule counts only the runs whose test
+    accuracy at the training length reached it). A missing mixer or setting, fewer than 3
+    runs, or a run still improving where more budget could change the verdict make it
+    inconclusive: a mean short of an ``at_least`` bar or under an ``at_most`` one; a
+    ``decreases`` drop too small at a still-improving easier setting, or large against a
+    still-improving harder one; a ``higher`` gap whose trailing mixer still improves."""
     rule = dict(claim.rule)
     kind = rule.pop("kind")
     metric = rule.pop("metric", "test/accuracy")
@@ -407,6 +414,8 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
 
     if kind in ("at_least", "at_most"):
         v = float(rule["value"])
+        learned = rule.get("learned")
+        trained = {(x.setting, x.mixer): x for x in summarize(rows)} if learned is not None else {}
         parts, verdicts = [], []
         for setting in _list(rule.get("settings") or rule.get("setting")):
             s = get(setting, rule["mixer"])
@@ -414,17 +423,29 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
                 parts.append(f"no finished runs of {rule['mixer']} @ {setting}")
                 verdicts.append(INCONCLUSIVE)
                 continue
-            parts.append(txt(s))
+            note = ""
+            if learned is not None:  # a run that never learned the task says nothing of its extrapolation
+                base = trained[(setting, rule["mixer"])].values  # the same runs, in the same order
+                kept = [x for x, b in zip(s.values, base, strict=True) if b >= float(learned)]
+                if len(kept) < s.n:
+                    note = (f"; {s.n - len(kept)} of {s.n} runs left out: below {float(learned):g} at the "
+                            "training length, so no evidence either way")
+                if not kept:
+                    parts.append(f"{rule['mixer']} @ {setting}: no run learned the task{note}")
+                    verdicts.append(INCONCLUSIVE)
+                    continue
+                s = replace(s, values=kept)
+            parts.append(txt(s) + note)
             good = s.mean >= v if kind == "at_least" else s.mean <= v
             # a run still rising can still cross the bar: that decides an at_most rule that holds
             # and an at_least rule that does not; a rise cannot undo the other two outcomes
             if improving(s) and good == (kind == "at_most"):
                 verdicts.append(INCONCLUSIVE)
-            elif good:
-                verdicts.append(REPRODUCED if s.n >= 3 else INCONCLUSIVE)
-            else:
-                verdicts.append(NOT_REPRODUCED)
-        return _combine(verdicts), "; ".join(parts) + f" (rule: mean {'>=' if kind == 'at_least' else '<='} {v})"
+            else:  # either way, on three seeds at least
+                verdicts.append((REPRODUCED if good else NOT_REPRODUCED) if s.n >= 3 else INCONCLUSIVE)
+        rule_text = f"mean {'>=' if kind == 'at_least' else '<='} {v}" + (
+            f" over the runs that reached {float(learned):g} at the training length" if learned is not None else "")
+        return _combine(verdicts), "; ".join(parts) + f" (rule: {rule_text})"
     if kind == "decreases":  # accuracy falls from the first to the last setting by at least `by`
         settings = _list(rule["settings"])
         parts, verdicts = [], []
