@@ -37,6 +37,26 @@ def test_lr_is_chosen_on_validation_and_seeds_aggregate_with_a_t_interval():
     assert s.grid == {1e-3: 0.60, 3e-3: 0.55}
 
 
+def test_among_runs_that_reached_the_target_the_fewest_steps_choose():
+    """A run stops at its first validation above the target, so final accuracies there are noise:
+    the rate that got there first wins (ties: lower validation loss), as ALiBi's 1e-3 (step 1250)
+    should have over 3e-3 (step 2500, 0.999 at the stop), whose other seeds never learned."""
+    slow = row("s", "m", 3e-3, 0, 0.99, val=[[1250, 0.33], [2500, 0.999]])
+    fast = row("s", "m", 1e-3, 0, 0.99, val=[[1000, 0.97], [1250, 0.997]])
+    short = row("s", "m", 3e-4, 0, 0.95, val=[[1500, 0.90], [3000, 0.989]])
+    assert fd.choose_lr([slow, fast, short]) == 1e-3
+    assert fd.steps_to_target(fast) == 1250 and fd.steps_to_target(short) is None
+    assert fd.summarize([slow, fast, short])[0].lr == 1e-3
+    tie = row("s", "m", 3e-3, 0, 0.99, val=[[1000, 0.97], [1250, 0.991]])
+    tie["result"]["val_loss"], fast["result"]["val_loss"] = 0.01, 0.02
+    assert fd.choose_lr([fast, tie]) == 3e-3  # same step: lower validation loss
+    # short of the target, or without one, the final validation accuracy still decides
+    assert fd.choose_lr([short, row("s", "m", 1e-2, 0, 0.9, val=[[1500, 0.5], [3000, 0.97]])]) == 3e-4
+    free = [row("s", "m", lr, 0, 0.9, val=v, stop_at=0.0) for lr, v in
+            ((1e-3, [[250, 0.999], [500, 0.995]]), (3e-3, [[250, 0.5], [500, 0.999]]))]
+    assert fd.choose_lr(free) == 3e-3
+
+
 def test_flags_converged_still_improving_diverged_and_at_chance():
     conv = row("s", "a", 1e-3, 0, 0.99, val=[[100, 0.5], [200, 0.995]])
     rising = row("s", "b", 1e-3, 0, 0.40, val=[[100, 0.1], [200, 0.2], [300, 0.3], [400, 0.40]])

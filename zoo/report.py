@@ -246,7 +246,8 @@ def _findings_section(rows, out_dir):
              + (f" crossed with weight decays {wds}" if swept else "") + f" on init seed {seeds[0]}"
              + (f", extended by {beyond} (nearest first) where the rates tried chose their edge without reaching the "
                 f"validation target ({'run for some: ' + str(ran) if ran else 'none run so far'})" if beyond else "")
-             + ", chosen on validation accuracy; the chosen rate rerun on init seeds "
+             + ", chosen on validation (among runs that reached the validation target, the fewest steps to it; "
+               "else the final validation accuracy); the chosen rate rerun on init seeds "
              + (f"{seeds[1:]}" if seeds[1:] else "(none in these results: a suite of one seed, or seed runs still "
                 "to come; the numbers are the tuning runs alone)")
              + (f"; a run of the chosen rate that ended its budget still improving run again with "
