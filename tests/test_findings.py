@@ -46,7 +46,8 @@ def test_among_runs_that_reached_the_target_the_fewest_steps_choose():
     short = row("s", "m", 3e-4, 0, 0.95, val=[[1500, 0.90], [3000, 0.989]])
     assert fd.choose_lr([slow, fast, short]) == 1e-3
     assert fd.steps_to_target(fast) == 1250 and fd.steps_to_target(short) is None
-    assert fd.summarize([slow, fast, short])[0].lr == 1e-3
+    (s,) = fd.summarize([slow, fast, short])
+    assert s.lr == 1e-3 and s.reached == {3e-3: 2500, 1e-3: 1250, 3e-4: None}  # the report shows "0.99 @2500"
     tie = row("s", "m", 3e-3, 0, 0.99, val=[[1000, 0.97], [1250, 0.991]])
     tie["result"]["val_loss"], fast["result"]["val_loss"] = 0.01, 0.02
     assert fd.choose_lr([fast, tie]) == 3e-3  # same step: lower validation loss

@@ -62,6 +62,7 @@ class Summary:
     state_bytes: int | None = None
     # lr -> validation accuracy of its tune run; (lr, weight decay) -> it, with a weight-decay grid
     grid: dict = field(default_factory=dict)
+    reached: dict = field(default_factory=dict)  # the grid's keys -> step its run reached the target (None: not)
     stale: int = 0  # seed runs made with another lr than today's choice (left out)
     floor: float | None = None  # accuracy without the task's skill (Task.floor), where above chance
     bounds: tuple[float, float] = (0.0, 1.0)  # the metric's range: accuracies
@@ -327,6 +328,7 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
             {choice_of(r)[1] for r in tune}) > 1
         s = Summary(setting, mixer, lr, [], chance=case.get("chance", 0.0), stale=len(seeds) - len(current),
                     grid={(choice_of(r) if swept else lr_of(r)): val_score(r)[0] for r in tune},
+                    reached={(choice_of(r) if swept else lr_of(r)): steps_to_target(r) for r in tune},
                     floor=task_floor(case), weight_decay=wd if swept else None,
                     bounds=(0.0, 1.0) if metric.endswith("accuracy") else (-math.inf, math.inf))
         target = case["train"].get("stop_at", 0.0)

@@ -278,13 +278,15 @@ def _findings_section(rows, out_dir):
                   + (f"; floor {ss[0].floor:.3f} (reachable without the task's skill; AT FLOOR flags it)"
                      if ss[0].floor is not None else "")
                   + (f"; model {_kv(model)}" if model != c0.get("model", {}) else ""), "",
-                  "| rank | mixer | lr | runs | test accuracy | 95 % interval | flags | state bytes | val acc per lr |",
+                  "| rank | mixer | lr | runs | test accuracy | 95 % interval | flags | state bytes | val acc per lr "
+                  "(@ step it reached the target) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s_, rank in fd.ranking(ss):
             lo, hi = s_.ci
             acc = f"{s_.mean:.3f} ± {s_.std:.3f}" if s_.n > 1 else (f"{s_.mean:.3f}" if s_.values else "-")
             ci = f"[{lo:.3f}, {hi:.3f}]" if s_.n > 1 else "-"
             grid = ", ".join(f"{fd.choice_text(k) if isinstance(k, tuple) else f'{k:g}'}: {v:.2f}"
+                             + (f" @{s_.reached[k]}" if s_.reached.get(k) is not None else "")
                              for k, v in sorted(s_.grid.items(), key=lambda kv: kv[0] if isinstance(kv[0], tuple)
                                                 else (kv[0],)))
             state = _fmt(s_.state_bytes, "B") if s_.state_bytes else "-"
