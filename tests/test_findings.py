@@ -169,6 +169,33 @@ def test_a_run_still_improving_decides_no_claim_it_could_still_change():
         fd.REPRODUCED
 
 
+def test_seeds_split_at_the_chosen_rate_decide_no_claim_a_better_rate_could_change():
+    """Softmax at width 32 with 16 pairs: two seeds reach 0.99 at 3e-3, one stalls at the floor
+    (0.06). The rate does not carry across seeds, so a mean of 0.685 is no evidence that
+    attention fails the task; a seed that ends just short of the target is no split."""
+    split = [row("w32", "attn", 3e-3, k, a, chosen=None if k == 0 else 3e-3, val=v) for k, (a, v) in
+             enumerate([(0.999, [[500, 0.5], [1000, 0.999]]), (0.061, [[1500, 0.06], [3000, 0.061]]),
+                        (0.994, [[500, 0.6], [1000, 0.994]])])]
+    (s,) = fd.summarize(split)
+    assert s.split and s.stalled == 1 and "SEEDS SPLIT" in s.flag_text()
+    verdict, ours = fd.evaluate(claim(kind="at_least", mixer="attn", settings=["w32"], value=0.95), split)
+    assert verdict == fd.INCONCLUSIVE and "seeds split: 2/3 converged" in ours
+    rows = split + three("w32", "ssm", [0.2, 0.25, 0.3])
+    assert fd.evaluate(claim(kind="higher", mixer="ssm", other="attn", setting="w32", by=0.2), rows)[0] == \
+        fd.INCONCLUSIVE  # behind a split mixer: a rate that carries could widen the gap, not close it
+    near = [dict(r) for r in split]
+    near[1] = row("w32", "attn", 3e-3, 1, 0.977, chosen=3e-3, val=[[1500, 0.97], [3000, 0.977]])
+    (s,) = fd.summarize(near)
+    assert not s.split and s.stalled == 0
+    assert fd.evaluate(claim(kind="at_least", mixer="attn", settings=["w32"], value=0.95), near)[0] == fd.REPRODUCED
+    failed = [row("w32", "attn", 3e-3, k, 0.3, chosen=None if k == 0 else 3e-3, val=[[1500, 0.3], [3000, 0.3]])
+              for k in range(3)]  # every seed stalls: the rate fails alike everywhere, no split
+    (s,) = fd.summarize(failed)
+    assert not s.split and s.stalled == 3
+    assert fd.evaluate(claim(kind="at_least", mixer="attn", settings=["w32"], value=0.95), failed)[0] == \
+        fd.NOT_REPRODUCED
+
+
 def test_an_extrapolation_claim_counts_only_the_runs_that_learned_the_task(tmp_path):
     """Two ALiBi seeds that never learned induction at the training length (test@64 0.10 and 0.06
     in the reference run) are no evidence that ALiBi fails past it: with ``learned`` they are
@@ -181,7 +208,8 @@ def test_an_extrapolation_claim_counts_only_the_runs_that_learned_the_task(tmp_p
 
     rule = {"kind": "at_least", "mixer": "attn", "settings": ["ind"], "metric": "test@256/accuracy", "value": 0.5}
     split = ind([(0.997, 0.989), (0.10, 0.04), (0.06, 0.05)])
-    assert fd.evaluate(claim(**rule), split)[0] == fd.NOT_REPRODUCED  # the mean of all three: 0.36
+    verdict, ours = fd.evaluate(claim(**rule), split)  # the mean of all three, 0.36, from seeds split
+    assert verdict == fd.INCONCLUSIVE and "seeds split: 1/3 converged" in ours
     verdict, ours = fd.evaluate(claim(**rule, learned=0.9), split)
     assert verdict == fd.INCONCLUSIVE and "attn @ ind: 0.989 (n=1)" in ours and "2 of 3 runs left out" in ours
     assert fd.evaluate(claim(**rule, learned=0.9), ind([(1.0, 0.98), (0.99, 0.97), (0.995, 0.99)]))[0] == fd.REPRODUCED

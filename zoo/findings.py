@@ -34,6 +34,7 @@ from zoo.errors import ZooConfigError, read_yaml, unknown
 EDGE_TIE = 0.02  # an edge rate this close to the best on validation is not shown worse: extend past it
 IMPROVING = 0.02  # rise in validation accuracy over the last quarter of a run that flags "still improving"
 CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors) is "at chance"
+SPLIT_GAP = 0.2  # a run this far short of the validation target, stalled, beside one that reached it: seeds split
 
 # two-sided 95 % Student t quantiles by degrees of freedom (n - 1)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -68,6 +69,9 @@ class Summary:
     bounds: tuple[float, float] = (0.0, 1.0)  # the metric's range: accuracies
     edge: bool = False  # the chosen run did not converge and it, or a rate within EDGE_TIE of it, is an edge
     weight_decay: float | None = None  # the chosen weight decay, with a weight-decay grid
+    # runs that diverged, or ended more than SPLIT_GAP short of the validation target without
+    # still improving: beside a converged run, they make the seeds split
+    stalled: int = 0
 
     @property
     def n(self) -> int:
@@ -107,8 +111,18 @@ class Summary:
         se = self.std / math.sqrt(self.n) if self.n > 1 else 0.0
         return self.mean <= self.floor + max(CHANCE_MARGIN, 2 * se)
 
+    @property
+    def split(self) -> bool:
+        """Seeds split at the chosen rate: one run at least reached the validation target and one
+        at least stalled (:attr:`stalled`). The rate was chosen
+        on one seed and does not carry to the others, so a better-tuned rate could move the
+        mean (ALiBi at 3e-3: one seed learned induction, two never did; at 1e-3 all three did)."""
+        return self.flags.get("converged", 0) > 0 and self.stalled > 0
+
     def flag_text(self) -> str:
         parts = [f"{k} {v}/{self.n_runs}" for k, v in sorted(self.flags.items()) if v]
+        if self.split:
+            parts.append("SEEDS SPLIT")
         if self.at_chance:
             parts.append("AT CHANCE")
         if self.at_floor:
@@ -341,8 +355,12 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
         for r in runs:
             if r["case"]["phase"] == "longer":
                 s.flags["longer_budget"] = s.flags.get("longer_budget", 0) + 1
-            for k, v in run_flags(r, target).items():
+            flags = run_flags(r, target)
+            for k, v in flags.items():
                 s.flags[k] = s.flags.get(k, 0) + int(v)
+            if flags.get("diverged") or (target and r.get("status") == "ok" and not flags["converged"]
+                                         and not flags["still_improving"] and val_score(r)[0] < target - SPLIT_GAP):
+                s.stalled += 1
             if r.get("status") == "ok":
                 s.values.append(metric_of(r["result"]["metrics"], metric))
                 s.state_bytes = r["result"].get("state_bytes", s.state_bytes)
@@ -421,7 +439,9 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
     runs, or a run still improving where more budget could change the verdict make it
     inconclusive: a mean short of an ``at_least`` bar or under an ``at_most`` one; a
     ``decreases`` drop too small at a still-improving easier setting, or large against a
-    still-improving harder one; a ``higher`` gap whose trailing mixer still improves."""
+    still-improving harder one; a ``higher`` gap whose trailing mixer still improves. Seeds
+    split at the chosen rate (:attr:`Summary.split`) count as still improving: a rate that
+    carries to every seed could move the mean the same way."""
     rule = dict(claim.rule)
     kind = rule.pop("kind")
     metric = rule.pop("metric", "test/accuracy")
@@ -434,11 +454,14 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
     def txt(s: Summary) -> str:
         lo, hi = s.ci
         ci = f" [{lo:.3f}, {hi:.3f}]" if s.n > 1 else ""
-        rising = f", still improving {s.flags['still_improving']}/{s.n_runs}" if improving(s) else ""
-        return f"{s.mixer} @ {s.setting}: {s.mean:.3f}{ci} (n={s.n}{rising})"
+        rising = f", still improving {s.flags['still_improving']}/{s.n_runs}" if s.flags.get("still_improving") else ""
+        split = f", seeds split: {s.flags.get('converged', 0)}/{s.n_runs} converged" if s.split else ""
+        return f"{s.mixer} @ {s.setting}: {s.mean:.3f}{ci} (n={s.n}{rising}{split})"
 
-    def improving(s: Summary) -> bool:  # more budget could still move its mean
-        return s.flags.get("still_improving", 0) > 0
+    def improving(s: Summary) -> bool:
+        """More budget (a run still improving) or a better-tuned rate (seeds split at the chosen
+        one) could still move its mean."""
+        return s.flags.get("still_improving", 0) > 0 or s.split
 
     if kind in ("at_least", "at_most"):
         v = float(rule["value"])
@@ -462,7 +485,7 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
                     parts.append(f"{rule['mixer']} @ {setting}: no run learned the task{note}")
                     verdicts.append(INCONCLUSIVE)
                     continue
-                s = replace(s, values=kept)
+                s = replace(s, values=kept, stalled=0)  # the runs that stalled are those left out
             parts.append(txt(s) + note)
             good = s.mean >= v if kind == "at_least" else s.mean <= v
             # a run still rising can still cross the bar: that decides an at_most rule that holds
@@ -489,8 +512,10 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
                 level = f"floor {first.floor:.3f}" if first.at_floor else f"chance {first.chance:.3f}"
                 parts.append(f"{text}, at its {level} already at {settings[0]}: no evidence either way")
                 continue
-            rising = [s.setting for s in (first, last) if improving(s)]
-            parts.append(text + (f", still improving at {' and '.join(rising)}" if rising else ""))
+            rising = [s.setting for s in (first, last) if s.flags.get("still_improving")]
+            split = [s.setting for s in (first, last) if s.split]
+            parts.append(text + (f", still improving at {' and '.join(rising)}" if rising else "")
+                         + (f", seeds split at {' and '.join(split)}" if split else ""))
             separated = not _overlap(first.ci, last.ci) if first.n > 1 and last.n > 1 else False
             # more budget at the easier setting could widen the drop; at the harder one, close it
             # (a drop that is the harder setting's slower learning is not the claimed loss)
