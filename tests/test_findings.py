@@ -560,6 +560,48 @@ def test_runs_still_improving_run_again_with_the_longer_budget(tmp_path):
     assert again == []
 
 
+def test_a_seed_stalled_beside_one_that_converged_gets_the_longer_budget(tmp_path):
+    """Recall sits on a plateau and then jumps: softmax at width 32 with 16 pairs reached 0.99 on
+    two seeds and sat flat at the floor on the third. That seed is not "still improving", yet
+    it is the one a longer budget can settle (here it jumps at step 90), and the row a sweep
+    skipped before the rule is reopened on resume; a seed flat beside no converged one is not."""
+    from zoo.suite import load_suite
+    from zoo.sweep import case_status, run_suite
+
+    p = tmp_path / "split.yaml"
+    p.write_text(TINY.replace("seeds: [0, 1]", "seeds: [0, 1, 2]\n  extend_steps: 90"))
+    suite = load_suite(str(p))
+    order = []
+
+    def runner(case, timeout):
+        order.append(case["key"])
+        m, seed, steps = case["mixer"], case["train"]["seed"], case["train"]["max_steps"]
+        curve = [[15, 0.5], [30, 0.995]] if m == "softmax" else [[15, 0.3], [30, 0.3]]  # linear: flat everywhere
+        if m == "softmax" and seed == 1:
+            curve = [[30, 0.06], [60, 0.06], [90, 0.995]] if steps == 90 else [[15, 0.06], [30, 0.06]]
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": curve[-1][1]}, "val_curve": curve, "val_loss": 0.1}}
+
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False, jobs=2, runner=runner)
+    assert [k for k in order if "/longer/" in k] == ["findings/p1/softmax/longer/seed=1"]
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    by = {x.mixer: x for x in fd.summarize(rows)}
+    assert by["softmax"].values == [0.995, 0.995, 0.995] and not by["softmax"].split
+    assert by["linear"].stalled == 3 and not by["linear"].split
+    # a sweep before the rule wrote that longer budget as skipped: a resume reopens and runs it
+    lines = [json.dumps({**r, "status": "skipped", "reason": "had stopped improving", "result": None})
+             if r["key"] == "findings/p1/softmax/longer/seed=1" else json.dumps(r) for r in rows]
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    status = dict(case_status(suite, out))
+    assert status["findings/p1/softmax/longer/seed=1"] == "pending (skipped before; another seed's run now calls for it)"
+    assert status["findings/p1/softmax/longer/seed=0"] == "skipped" and status["findings/p1/linear/longer/seed=1"] == "skipped"
+    order.clear()
+    run_suite(suite, out, progress=False, jobs=2, runner=runner)
+    assert order == ["findings/p1/softmax/longer/seed=1"]
+    assert dict(case_status(suite, out))["findings/p1/softmax/longer/seed=1"] == "ok"
+
+
 def test_a_longer_budget_follows_the_choice_of_rate(tmp_path):
     """When a rate beyond the grid moves the choice, a longer run made with the old rate no longer
     counts: it is decided again from the new rate's run of its seed."""

@@ -260,10 +260,13 @@ def extension_needed(case: dict, tune_rows: list[dict]) -> str | None:
     return f"the rates tried chose {lr_of(best):g}, not their edge {edge:g} ({gap:.3f} lower on validation)"
 
 
-def longer_needed(base: dict | None, target: float) -> str | None:
+def longer_needed(base: dict | None, target: float, siblings: list[dict] = ()) -> str | None:
     """Whether a longer-budget case must run, given the run of its seed at the chosen rate and
-    the base budget (the tune run for the first seed, a seed run for the others): None when it
-    must (that run ended still improving, short of the target), else why not."""
+    the base budget (the tune run for the first seed, a seed run for the others) and the runs
+    of the other seeds at that rate: None when it must, else why not. It must where that run
+    ended still improving short of the target, or stalled (more than ``SPLIT_GAP`` short, flat)
+    while another seed reached the target: recall tasks sit on a plateau and then jump, and a
+    seed that has not jumped yet looks flat (the seeds split)."""
     if base is None:
         return "no finished run of this seed at the chosen rate"
     if base.get("status") != "ok":
@@ -273,9 +276,12 @@ def longer_needed(base: dict | None, target: float) -> str | None:
     end = f"{curve[-1][1]:.3f} at step {curve[-1][0]}" if curve else "no validation curve"
     if flags.get("converged"):
         return f"its run at the base budget reached the validation target ({end})"
-    if not flags.get("still_improving"):
-        return f"its run at the base budget had stopped improving ({end})"
-    return None
+    if flags.get("still_improving"):
+        return None
+    if target and val_score(base)[0] < target - SPLIT_GAP and any(
+            run_flags(r, target).get("converged") for r in siblings):
+        return None
+    return f"its run at the base budget had stopped improving ({end})"
 
 
 def not_needed(rows: list[dict]) -> str:

@@ -246,7 +246,8 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         choice = choose([r for k, r in done.items() if k.startswith(prefix)])
         if c["phase"] == "longer" and row.get("status") == "skipped":
             base = _base_row(c, choice, list(done.values()))
-            return base is not None and choice_of(row) == choice and _finished_at(base) <= _finished_at(row)
+            return (base is not None and choice_of(row) == choice and _finished_at(base) <= _finished_at(row)
+                    and not _longer_reopened(c, row, done))
         return choice_of(row) == choice
 
     pending = [c for c in todo if not finished(c)]
@@ -288,7 +289,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                 return run, {"key": case["key"], "case": case, "status": "error", "error": str(e), "wall_s": 0.0}
             if case["phase"] == "longer" and not reusable(case, run):  # only where its seed's run still rose
                 base = _base_row(case, _choice(run), rows)
-                why = longer_needed(base, case["train"].get("stop_at", 0.0))
+                why = longer_needed(base, case["train"].get("stop_at", 0.0), _sibling_rows(case, _choice(run), rows))
                 if why is not None:
                     return run, {"key": case["key"], "case": case, "status": "skipped", "reason": why,
                                  **_resolved(run), "wall_s": 0.0}
@@ -498,6 +499,8 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], f"changed (the registry entry of {c['mixer']!r})"))
         elif _extension_reopened(c, row, done):
             out.append((c["key"], "pending (skipped before; the rates tried now call for it)"))
+        elif _longer_reopened(c, row, done):
+            out.append((c["key"], "pending (skipped before; another seed's run now calls for it)"))
         elif c.get("phase") in ("seed", "longer") and row.get("status") in ("ok", "skipped") and choice_of(row) != (
                 choice := choose([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
             out.append((c["key"], f"stale (lr {choice_text(choice_of(row))}; the tuning now chooses "
@@ -643,6 +646,29 @@ def _extension_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
         return False
     prefix = _tune_prefix(case)
     return extension_needed(case, [r for k, r in done.items() if k.startswith(prefix)]) is None
+
+
+def _longer_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
+    """A longer budget that was skipped as not needed, which the runs of its mixer and setting
+    now call for (another seed reached the target beside its stalled one; or the rule changed)."""
+    if case.get("phase") != "longer" or row.get("status") != "skipped":
+        return False
+    rows = [r for k, r in done.items() if k.startswith(_group_prefix(case))]
+    choice = choose([r for r in rows if r["key"].startswith(_tune_prefix(case))])
+    if choice is None or choice_of(row) != choice:
+        return False
+    base = _base_row(case, choice, rows)
+    return base is not None and longer_needed(base, case["train"].get("stop_at", 0.0),
+                                              _sibling_rows(case, choice, rows)) is None
+
+
+def _sibling_rows(case: dict, choice: tuple | None, rows: list[dict]) -> list[dict]:
+    """The finished runs of the other seeds of a longer-budget case's mixer and setting at the
+    chosen rate (base budgets and longer ones)."""
+    return [r for r in rows if r["key"].startswith(_group_prefix(case)) and r.get("status") == "ok"
+            and r.get("case", {}).get("phase") in ("tune", "extend", "seed", "longer")
+            and r["case"]["train"].get("seed") != case["train"]["seed"] and choice is not None
+            and choice_of(r) == choice]
 
 
 def _tune_prefix(case: dict) -> str:
