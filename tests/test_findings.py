@@ -188,6 +188,13 @@ def test_seeds_split_at_the_chosen_rate_decide_no_claim_a_better_rate_could_chan
     (s,) = fd.summarize(near)
     assert not s.split and s.stalled == 0
     assert fd.evaluate(claim(kind="at_least", mixer="attn", settings=["w32"], value=0.95), near)[0] == fd.REPRODUCED
+    # two seeds just short of the target and one at the floor (Mamba at width 32, 4 pairs) split too
+    short = [row("w32", "ssm", 1e-2, k, a, chosen=None if k == 0 else 1e-2, val=[[1500, a], [3000, a]])
+             for k, a in enumerate([0.974, 0.246, 0.984])]
+    (s,) = fd.summarize(short)
+    assert s.split and s.learned == 2 and s.stalled == 1
+    assert fd.longer_needed(short[1], 0.99, [short[0], short[2]]) is None
+    assert fd.longer_needed(short[1], 0.99, []) is not None  # flat beside nothing that learned
     failed = [row("w32", "attn", 3e-3, k, 0.3, chosen=None if k == 0 else 3e-3, val=[[1500, 0.3], [3000, 0.3]])
               for k in range(3)]  # every seed stalls: the rate fails alike everywhere, no split
     (s,) = fd.summarize(failed)

@@ -262,9 +262,9 @@ def _findings_section(rows, out_dir):
              "last quarter of the run; "
              + ("longer_budget = the run counted is its longer-budget rerun; " if longer else "")
              + "AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level; "
-             "SEEDS SPLIT = at the chosen rate one run at least converged and one at least ended short of the "
-             "target without still improving (the rate does not carry across seeds; a claim reads it as still "
-             "improving); "
+             f"SEEDS SPLIT = at the chosen rate one run at least ended within {fd.SPLIT_GAP} of the validation "
+             f"target and one at least stalled more than {fd.SPLIT_GAP} short of it without still improving, or "
+             "diverged (a claim reads it as still improving; the stalled seed gets the longer budget); "
              "LR AT EDGE = the chosen run did not converge and the smallest or largest rate tried is the chosen one "
              f"or within {fd.EDGE_TIE} of it on validation (not tuned). "
              "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "
