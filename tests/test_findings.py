@@ -179,7 +179,7 @@ def test_seeds_split_at_the_chosen_rate_decide_no_claim_a_better_rate_could_chan
     (s,) = fd.summarize(split)
     assert s.split and s.stalled == 1 and "SEEDS SPLIT" in s.flag_text()
     verdict, ours = fd.evaluate(claim(kind="at_least", mixer="attn", settings=["w32"], value=0.95), split)
-    assert verdict == fd.INCONCLUSIVE and "seeds split: 2/3 converged" in ours
+    assert verdict == fd.INCONCLUSIVE and "seeds split: 2 near the target, 1 stalled" in ours
     rows = split + three("w32", "ssm", [0.2, 0.25, 0.3])
     assert fd.evaluate(claim(kind="higher", mixer="ssm", other="attn", setting="w32", by=0.2), rows)[0] == \
         fd.INCONCLUSIVE  # behind a split mixer: a rate that carries could widen the gap, not close it
@@ -192,7 +192,7 @@ def test_seeds_split_at_the_chosen_rate_decide_no_claim_a_better_rate_could_chan
     short = [row("w32", "ssm", 1e-2, k, a, chosen=None if k == 0 else 1e-2, val=[[1500, a], [3000, a]])
              for k, a in enumerate([0.974, 0.246, 0.984])]
     (s,) = fd.summarize(short)
-    assert s.split and s.learned == 2 and s.stalled == 1
+    assert s.split and s.near == 2 and s.stalled == 1
     assert fd.longer_needed(short[1], 0.99, [short[0], short[2]]) is None
     assert fd.longer_needed(short[1], 0.99, []) is not None  # flat beside nothing that learned
     failed = [row("w32", "attn", 3e-3, k, 0.3, chosen=None if k == 0 else 3e-3, val=[[1500, 0.3], [3000, 0.3]])
@@ -216,7 +216,7 @@ def test_an_extrapolation_claim_counts_only_the_runs_that_learned_the_task(tmp_p
     rule = {"kind": "at_least", "mixer": "attn", "settings": ["ind"], "metric": "test@256/accuracy", "value": 0.5}
     split = ind([(0.997, 0.989), (0.10, 0.04), (0.06, 0.05)])
     verdict, ours = fd.evaluate(claim(**rule), split)  # the mean of all three, 0.36, from seeds split
-    assert verdict == fd.INCONCLUSIVE and "seeds split: 1/3 converged" in ours
+    assert verdict == fd.INCONCLUSIVE and "seeds split: 1 near the target, 2 stalled" in ours
     verdict, ours = fd.evaluate(claim(**rule, learned=0.9), split)
     assert verdict == fd.INCONCLUSIVE and "attn @ ind: 0.989 (n=1)" in ours and "2 of 3 runs left out" in ours
     assert fd.evaluate(claim(**rule, learned=0.9), ind([(1.0, 0.98), (0.99, 0.97), (0.995, 0.99)]))[0] == fd.REPRODUCED
@@ -567,11 +567,11 @@ def test_runs_still_improving_run_again_with_the_longer_budget(tmp_path):
     assert again == []
 
 
-def test_a_seed_stalled_beside_one_that_converged_gets_the_longer_budget(tmp_path):
+def test_a_seed_stalled_beside_one_near_the_target_gets_the_longer_budget(tmp_path):
     """Recall sits on a plateau and then jumps: softmax at width 32 with 16 pairs reached 0.99 on
     two seeds and sat flat at the floor on the third. That seed is not "still improving", yet
     it is the one a longer budget can settle (here it jumps at step 90), and the row a sweep
-    skipped before the rule is reopened on resume; a seed flat beside no converged one is not."""
+    skipped before the rule is reopened on resume; a seed flat beside none near the target is not."""
     from zoo.suite import load_suite
     from zoo.sweep import case_status, run_suite
 

@@ -34,7 +34,7 @@ from zoo.errors import ZooConfigError, read_yaml, unknown
 EDGE_TIE = 0.02  # an edge rate this close to the best on validation is not shown worse: extend past it
 IMPROVING = 0.02  # rise in validation accuracy over the last quarter of a run that flags "still improving"
 CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors) is "at chance"
-SPLIT_GAP = 0.2  # a run this far short of the validation target, stalled, beside one that reached it: seeds split
+SPLIT_GAP = 0.2  # a run stalled this far short of the validation target, beside one within it: seeds split
 
 # two-sided 95 % Student t quantiles by degrees of freedom (n - 1)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -69,10 +69,8 @@ class Summary:
     bounds: tuple[float, float] = (0.0, 1.0)  # the metric's range: accuracies
     edge: bool = False  # the chosen run did not converge and it, or a rate within EDGE_TIE of it, is an edge
     weight_decay: float | None = None  # the chosen weight decay, with a weight-decay grid
-    # runs that diverged, or ended more than SPLIT_GAP short of the validation target without
-    # still improving: beside a converged run, they make the seeds split
-    stalled: int = 0
-    learned: int = 0  # runs that ended within SPLIT_GAP of the validation target (or reached it)
+    stalled: int = 0  # runs that stalled (:func:`stalled`): beside a run that came near, the seeds split
+    near: int = 0  # runs that ended within SPLIT_GAP of the validation target (or reached it)
 
     @property
     def n(self) -> int:
@@ -115,10 +113,10 @@ class Summary:
     @property
     def split(self) -> bool:
         """Seeds split at the chosen rate: one run at least came within ``SPLIT_GAP`` of the
-        validation target (:attr:`learned`) and one at least stalled (:attr:`stalled`). The rate was chosen
+        validation target (:attr:`near`) and one at least stalled (:func:`stalled`). The rate was chosen
         on one seed and does not carry to the others, so a better-tuned rate could move the
         mean (ALiBi at 3e-3: one seed learned induction, two never did; at 1e-3 all three did)."""
-        return self.learned > 0 and self.stalled > 0
+        return self.near > 0 and self.stalled > 0
 
     def flag_text(self) -> str:
         parts = [f"{k} {v}/{self.n_runs}" for k, v in sorted(self.flags.items()) if v]
@@ -165,6 +163,19 @@ def val_score(row: dict) -> tuple[float, float]:
     curve = r.get("val_curve") or []
     acc = curve[-1][1] if curve else r["metrics"].get("val/accuracy", -math.inf)
     return (acc, -r.get("val_loss", math.inf))
+
+
+def near_target(row: dict, target: float) -> bool:
+    """A finished run that ended within ``SPLIT_GAP`` of the validation target (or reached it)."""
+    return bool(target) and row.get("status") == "ok" and val_score(row)[0] >= target - SPLIT_GAP
+
+
+def stalled(row: dict, target: float) -> bool:
+    """A run that diverged, or ended more than ``SPLIT_GAP`` short of the validation target
+    without still improving."""
+    flags = run_flags(row, target)
+    return bool(flags.get("diverged")) or (bool(target) and row.get("status") == "ok" and not near_target(row, target)
+                                           and not flags["still_improving"])
 
 
 def steps_to_target(row: dict) -> int | None:
@@ -279,8 +290,7 @@ def longer_needed(base: dict | None, target: float, siblings: list[dict] = ()) -
         return f"its run at the base budget reached the validation target ({end})"
     if flags.get("still_improving"):
         return None
-    if target and val_score(base)[0] < target - SPLIT_GAP and any(
-            r.get("status") == "ok" and val_score(r)[0] >= target - SPLIT_GAP for r in siblings):
+    if stalled(base, target) and any(near_target(r, target) for r in siblings):
         return None
     return f"its run at the base budget had stopped improving ({end})"
 
@@ -365,11 +375,8 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
             flags = run_flags(r, target)
             for k, v in flags.items():
                 s.flags[k] = s.flags.get(k, 0) + int(v)
-            if flags.get("diverged") or (target and r.get("status") == "ok" and not flags["converged"]
-                                         and not flags["still_improving"] and val_score(r)[0] < target - SPLIT_GAP):
-                s.stalled += 1
-            if target and r.get("status") == "ok" and val_score(r)[0] >= target - SPLIT_GAP:
-                s.learned += 1
+            s.stalled += stalled(r, target)
+            s.near += near_target(r, target)
             if r.get("status") == "ok":
                 s.values.append(metric_of(r["result"]["metrics"], metric))
                 s.state_bytes = r["result"].get("state_bytes", s.state_bytes)
@@ -464,7 +471,7 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
         lo, hi = s.ci
         ci = f" [{lo:.3f}, {hi:.3f}]" if s.n > 1 else ""
         rising = f", still improving {s.flags['still_improving']}/{s.n_runs}" if s.flags.get("still_improving") else ""
-        split = f", seeds split: {s.flags.get('converged', 0)}/{s.n_runs} converged" if s.split else ""
+        split = f", seeds split: {s.near} near the target, {s.stalled} stalled" if s.split else ""
         return f"{s.mixer} @ {s.setting}: {s.mean:.3f}{ci} (n={s.n}{rising}{split})"
 
     def improving(s: Summary) -> bool:

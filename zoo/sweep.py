@@ -650,7 +650,7 @@ def _extension_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
 
 def _longer_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
     """A longer budget that was skipped as not needed, which the runs of its mixer and setting
-    now call for (another seed reached the target beside its stalled one; or the rule changed)."""
+    now call for (another seed came near the target beside its stalled one; or the rule changed)."""
     if case.get("phase") != "longer" or row.get("status") != "skipped":
         return False
     rows = [r for k, r in done.items() if k.startswith(_group_prefix(case))]
