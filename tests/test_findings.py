@@ -74,6 +74,25 @@ def test_flags_converged_still_improving_diverged_and_at_chance():
     assert not fd.summarize(above)[0].at_chance
 
 
+def test_at_chance_and_at_floor_name_where_most_runs_sit_not_a_wide_interval():
+    """Two standard errors of three unlike seeds span most of [0, 1]: the mean alone called a row
+    of 0.967 / 0.223 / 0.990 'at the floor' and 0.46 / 0.061 / 0.061 'at chance'. A split row is
+    SEEDS SPLIT, not at its floor; a row with two runs at the floor and none at chance is AT FLOOR."""
+    p4, p16 = {"n_pairs": 4}, {"n_pairs": 16}
+    flat = [[250, 0.2], [2000, 0.22], [3000, 0.22]]
+    split = [row("w16", "ssm", 1e-2, k, a, chosen=None if k == 0 else 1e-2, chance=0.016, task_args=p4,
+                 val=flat if a < 0.5 else [[250, 0.5], [3000, a]]) for k, a in enumerate([0.967, 0.223, 0.990])]
+    (s,) = fd.summarize(split)
+    assert s.split and not s.at_floor and not s.at_chance and "AT FLOOR" not in s.flag_text()
+    floor = [row("p16", "win", 3e-3, k, a, chosen=None if k == 0 else 3e-3, chance=0.016, task_args=p16)
+             for k, a in enumerate([0.46, 0.061, 0.061])]
+    (f,) = fd.summarize(floor)
+    assert not f.at_chance and f.at_floor and f.flag_text() == "AT FLOOR 0.062"
+    one = [row("p16", "win", 3e-3, k, a, chosen=None if k == 0 else 3e-3, chance=0.016, task_args=p16)
+           for k, a in enumerate([0.46, 0.061, 0.30])]  # one run at the floor of three: no flag
+    assert fd.summarize(one)[0].flag_text() == "-"
+
+
 def test_ranking_shares_ranks_when_intervals_overlap():
     rows = []
     for mixer, accs in (("a", [0.90, 0.91, 0.92]), ("b", [0.88, 0.93, 0.90]), ("c", [0.30, 0.31, 0.32])):

@@ -33,7 +33,7 @@ from zoo.errors import ZooConfigError, read_yaml, unknown
 
 EDGE_TIE = 0.02  # an edge rate this close to the best on validation is not shown worse: extend past it
 IMPROVING = 0.02  # rise in validation accuracy over the last quarter of a run that flags "still improving"
-CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors) is "at chance"
+CHANCE_MARGIN = 0.02  # a mean within chance + max(this, 2 standard errors), most runs within this: "at chance"
 SPLIT_GAP = 0.2  # a run stalled this far short of the validation target, beside one within it: seeds split
 
 # two-sided 95 % Student t quantiles by degrees of freedom (n - 1)
@@ -94,21 +94,30 @@ class Summary:
         half = t95(self.n - 1) * self.std / math.sqrt(self.n)
         return (max(self.bounds[0], self.mean - half), min(self.bounds[1], self.mean + half))
 
-    @property
-    def at_chance(self) -> bool:
-        if not self.values:
+    def _at_level(self, level: float) -> bool:
+        """The runs sit at ``level``: the mean within max(``CHANCE_MARGIN``, 2 standard errors) of
+        it, and more than half the runs each within ``CHANCE_MARGIN`` of it, and the seeds not
+        split. Two standard errors of three split seeds span most of [0, 1], so the mean alone
+        called 0.967 / 0.223 / 0.990 "at the floor 0.25"; a row that split is flagged SEEDS SPLIT
+        instead, and 0.46 / 0.061 / 0.061 (two runs at mqar's floor, none at chance) reads AT FLOOR,
+        not AT CHANCE."""
+        if not self.values or self.split:
             return False
         se = self.std / math.sqrt(self.n) if self.n > 1 else 0.0
-        return self.mean <= self.chance + max(CHANCE_MARGIN, 2 * se)
+        runs_at = sum(v <= level + CHANCE_MARGIN for v in self.values)
+        return self.mean <= level + max(CHANCE_MARGIN, 2 * se) and 2 * runs_at > self.n
+
+    @property
+    def at_chance(self) -> bool:
+        return self._at_level(self.chance)
 
     @property
     def at_floor(self) -> bool:
         """At the task's floor (e.g. mqar's guess among the example's values) and not at chance:
         the mixer learned the task's format but not its skill."""
-        if not self.values or self.floor is None or self.at_chance:
+        if self.floor is None or self.at_chance:
             return False
-        se = self.std / math.sqrt(self.n) if self.n > 1 else 0.0
-        return self.mean <= self.floor + max(CHANCE_MARGIN, 2 * se)
+        return self._at_level(self.floor)
 
     @property
     def split(self) -> bool:

@@ -261,7 +261,8 @@ def _findings_section(rows, out_dir):
              f"validation target; still_improving = validation accuracy rose by more than {fd.IMPROVING} over the "
              "last quarter of the run; "
              + ("longer_budget = the run counted is its longer-budget rerun; " if longer else "")
-             + "AT CHANCE = mean within max(0.02, 2 standard errors) of the chance level; "
+             + f"AT CHANCE = mean within max({fd.CHANCE_MARGIN}, 2 standard errors) of the chance level and "
+             f"most runs within {fd.CHANCE_MARGIN} of it, seeds not split (AT FLOOR: the same at the task's floor); "
              f"SEEDS SPLIT = at the chosen rate one run at least ended within {fd.SPLIT_GAP} of the validation "
              f"target and one at least stalled more than {fd.SPLIT_GAP} short of it without still improving, or "
              "diverged (a claim reads it as still improving; the stalled seed gets the longer budget); "
