@@ -918,3 +918,100 @@ def test_a_run_keeps_its_row_when_the_state_size_aside_fails(monkeypatch):
     result = sweep._train_case({**case, "mixer": "softmax"})
     assert result["state_bytes"] is None and result["state_bytes_error"] == "RuntimeError: step is broken"
     assert result["steps"] == 2 and "test/accuracy" in result["metrics"]
+
+
+def test_the_runner_up_rate_tells_a_split_from_the_init_or_from_the_rate():
+    """Softmax at width 32 with 16 pairs: 3e-3 reached the target on seeds 0 and 2, seed 1 stalled
+    at the floor. The tuning's second rate, 1e-3, reached the target on seed 0 too; run on seed 1
+    it stalls again (the init: the 0.684 mean stands and decides the claim) or learns (the rate:
+    a rate chosen on another seed did not carry, so the claim stays open). A runner-up that failed
+    the tuning seed too cannot tell, and the runner-up run never counts in the numbers."""
+    def tune(lr, acc, reached):
+        return row("w32", "attn", lr, 0, acc, val=[[reached, 0.5], [reached * 2, acc]])
+
+    grid = [tune(3e-3, 0.999, 500), tune(1e-3, 0.994, 1250), tune(3e-4, 0.05, 1500)]
+    seeds = [row("w32", "attn", 3e-3, 1, 0.061, chosen=3e-3, val=[[1500, 0.06], [3000, 0.061]]),
+             row("w32", "attn", 3e-3, 2, 0.994, chosen=3e-3, val=[[500, 0.6], [1000, 0.994]])]
+    rows = grid + seeds
+    assert fd.runner_up(rows) == (1e-3, None)
+    assert fd.runner_up_needed(1, rows, 0.99) is None
+    assert fd.runner_up_needed(2, rows, 0.99) == "its run at the chosen rate did not stall"
+    at_least = claim(kind="at_least", mixer="attn", settings=["w32"], value=0.95)
+    (s,) = fd.summarize(rows)
+    assert s.split and s.split_cause is None and fd.evaluate(at_least, rows)[0] == fd.INCONCLUSIVE
+
+    def second(acc, val):
+        r = row("w32", "attn", 1e-3, 1, acc, phase="runnerup", val=val)
+        return {**r, "lr": 1e-3}
+
+    init = rows + [second(0.067, [[1500, 0.06], [3000, 0.067]])]
+    (s,) = fd.summarize(init)
+    assert s.split_cause == "init" and s.values == [0.999, 0.061, 0.994]
+    assert "SEEDS SPLIT (init: stalled at the runner-up rate too)" in s.flag_text()
+    verdict, ours = fd.evaluate(at_least, init)
+    assert verdict == fd.NOT_REPRODUCED and "(at the runner-up rate too: the init, not the rate)" in ours
+    rate = rows + [second(0.995, [[1500, 0.5], [2000, 0.995]])]
+    (s,) = fd.summarize(rate)
+    assert s.split_cause == "rate" and "SEEDS SPLIT (rate: learned at the runner-up rate)" in s.flag_text()
+    assert fd.evaluate(at_least, rate)[0] == fd.INCONCLUSIVE
+    # a runner-up that failed the tuning seed too says nothing of seed 1's init
+    weak = [tune(3e-3, 0.999, 500), tune(1e-3, 0.30, 1250), tune(3e-4, 0.05, 1500)] + seeds
+    assert "cannot tell the init from the rate" in fd.runner_up_needed(1, weak, 0.99)
+    (s,) = fd.summarize(weak + [{**second(0.067, [[1500, 0.06], [3000, 0.067]]), "lr": 1e-3}])
+    assert s.split and s.split_cause is None
+
+
+def test_a_split_runs_the_runner_up_rate_on_its_stalled_seed_only(tmp_path):
+    """With findings.runner_up, the sweep runs the tuning's second rate on a seed that stalled
+    beside one that learned, after every other run of its mixer and setting; elsewhere its rows
+    read skipped, with why. A runner-up skipped before the seeds split is reopened on resume, and
+    a finished sweep resumes to nothing."""
+    from zoo.report import write_report
+    from zoo.suite import cases, load_suite
+    from zoo.sweep import case_status, run_suite
+
+    p = tmp_path / "second.yaml"
+    p.write_text(TINY.replace("seeds: [0, 1]", "seeds: [0, 1, 2]\n  runner_up: true"))
+    suite = load_suite(str(p))
+    second = [c for c in cases(suite) if c["phase"] == "runnerup"]
+    assert {c["key"] for c in second} == {f"findings/p1/{m}/runnerup/seed={s}" for m in ("softmax", "linear")
+                                          for s in (1, 2)}
+    order = []
+
+    def runner(case, timeout):  # softmax: 3e-3 reaches the target first, 1e-3 later; seed 1 stalls at both
+        m, seed, lr = case["mixer"], case["train"]["seed"], case["train"]["lr"]
+        order.append((case["key"], lr))
+        curve = [[15, 0.995], [30, 0.995]] if lr == 3e-3 else [[15, 0.5], [30, 0.995]]
+        if m == "linear":
+            curve = [[15, 0.3], [30, 0.3]]
+        if m == "softmax" and seed == 1:
+            curve = [[15, 0.06], [30, 0.06]]
+        return {"key": case["key"], "status": "ok", "wall_s": 0.0,
+                "result": {"metrics": {"test/accuracy": curve[-1][1]}, "val_curve": curve, "val_loss": 0.1}}
+
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False, jobs=2, runner=runner)
+    assert [x for x in order if "/runnerup/" in x[0]] == [("findings/p1/softmax/runnerup/seed=1", 1e-3)]
+    softmax = [k for k, _ in order if "/softmax/" in k]
+    assert softmax[-1] == "findings/p1/softmax/runnerup/seed=1"  # after the seed runs it judges
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    skipped = {r["key"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert skipped["findings/p1/softmax/runnerup/seed=2"] == "its run at the chosen rate did not stall"
+    assert "the seeds did not split" in skipped["findings/p1/linear/runnerup/seed=1"]
+    by = {x.mixer: x for x in fd.summarize(rows)}
+    assert by["softmax"].split_cause == "init" and by["softmax"].values == [0.995, 0.06, 0.995]
+    text = write_report(rows, out).read_text()
+    assert "runner-up rate run on each stalled seed" in text and "(1 so far)" in text
+    assert "3 runner-up rates where the seed's run had not stalled beside one that learned" in text
+    again = []
+    run_suite(suite, out, progress=False, jobs=2, runner=_scripted(again, lambda m, lr: 0.5))
+    assert again == [] and dict(case_status(suite, out))["findings/p1/softmax/runnerup/seed=1"] == "ok"
+    # a sweep from before the seeds split wrote it skipped: a resume reopens and runs it
+    lines = [json.dumps({**r, "status": "skipped", "reason": "the seeds did not split", "result": None})
+             if r["key"] == "findings/p1/softmax/runnerup/seed=1" else json.dumps(r) for r in rows]
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert dict(case_status(suite, out))["findings/p1/softmax/runnerup/seed=1"] == (
+        "pending (skipped before; the seeds now split)")
+    order.clear()
+    run_suite(suite, out, progress=False, jobs=2, runner=runner)
+    assert order == [("findings/p1/softmax/runnerup/seed=1", 1e-3)]

@@ -71,6 +71,9 @@ class Summary:
     weight_decay: float | None = None  # the chosen weight decay, with a weight-decay grid
     stalled: int = 0  # runs that stalled (:func:`stalled`): beside a run that came near, the seeds split
     near: int = 0  # runs that ended within SPLIT_GAP of the validation target (or reached it)
+    # why the seeds split, where the tuning's runner-up rate ran on every stalled seed: "init"
+    # (each stalled there too), "rate" (one came near the target there); None: not known
+    split_cause: str | None = None
 
     @property
     def n(self) -> int:
@@ -130,7 +133,8 @@ class Summary:
     def flag_text(self) -> str:
         parts = [f"{k} {v}/{self.n_runs}" for k, v in sorted(self.flags.items()) if v]
         if self.split:
-            parts.append("SEEDS SPLIT")
+            parts.append("SEEDS SPLIT" + {"init": " (init: stalled at the runner-up rate too)",
+                                          "rate": " (rate: learned at the runner-up rate)"}.get(self.split_cause, ""))
         if self.at_chance:
             parts.append("AT CHANCE")
         if self.at_floor:
@@ -243,6 +247,80 @@ def choose(tune_rows: list[dict]) -> tuple[float, float | None] | None:
     return choice_of(max(ok, key=choice_score))
 
 
+def runner_up(tune_rows: list[dict]) -> tuple[float, float | None] | None:
+    """The (learning rate, weight decay) the tuning ranks second (:func:`choice_score`), or None
+    where fewer than two finished."""
+    best: dict = {}
+    for r in tuning_rows(tune_rows):
+        if r.get("status") == "ok":
+            c = choice_of(r)
+            best[c] = max(best.get(c, choice_score(r)), choice_score(r))
+    ranked = sorted(best, key=best.get, reverse=True)
+    return ranked[1] if len(ranked) > 1 else None
+
+
+def counted_runs(rows: list[dict], choice: tuple | None) -> list[dict]:
+    """The runs of one mixer and setting that its numbers count, seed by seed: the first seed's
+    tune run of the chosen rate and the other seeds' runs of it, each in its longer-budget
+    rerun's place where that ran."""
+    tune = tuning_rows(rows)
+    chosen = [r for r in tune if choice_of(r) == choice]
+    current = [r for r in rows if r["case"]["phase"] == "seed" and choice_of(r) == choice]
+    longer = {r["case"]["train"]["seed"]: r for r in rows if r["case"]["phase"] == "longer"
+              and r.get("status") in ("ok", "diverged") and choice_of(r) == choice}
+    return [longer.get(r["case"]["train"]["seed"], r) for r in chosen + current]
+
+
+def runner_up_needed(seed: int, rows: list[dict], target: float) -> str | None:
+    """Whether a runner-up case must run for ``seed``, given the rows of its mixer and setting:
+    None when it must, else why not. It must where the seeds split (:attr:`Summary.split`) and
+    this seed's counted run (:func:`counted_runs`) is one that stalled: the tuning's second rate
+    on that seed tells a split that comes from the rate chosen on another seed (it learns there)
+    from one that comes from the init (it stalls there too). Only a second rate that came near
+    the target on the tuning seed can tell: one that failed there too says nothing."""
+    choice, second = choose(rows), runner_up(rows)
+    if second is None:
+        return "fewer than two rates tried: no runner-up"
+    runs = counted_runs(rows, choice)
+    mine = [r for r in runs if r["case"]["train"]["seed"] == seed]
+    if not mine:
+        return "no finished run of this seed at the chosen rate"
+    if not stalled(mine[-1], target):
+        return "its run at the chosen rate did not stall"
+    if not any(near_target(r, target) for r in runs if r["case"]["train"]["seed"] != seed):
+        return "no other seed came near the target at the chosen rate: the seeds did not split"
+    if not _viable(rows, second, target):
+        return (f"the runner-up rate {choice_text(second)} did not come near the target on the tuning seed either: "
+                "it cannot tell the init from the rate")
+    return None
+
+
+def _viable(rows: list[dict], choice: tuple, target: float) -> bool:
+    """The rate's tune run came near the validation target: a rate that fails the tuning seed
+    too says nothing of another seed's init."""
+    return any(near_target(r, target) for r in tuning_rows(rows) if choice_of(r) == choice)
+
+
+def split_cause(rows: list[dict], choice: tuple | None, target: float) -> str | None:
+    """Why the seeds split (see :attr:`Summary.split_cause`): each stalled seed's run at the
+    runner-up rate (the first seed's tune run there; the others' runner-up runs) decides; None
+    until every stalled seed has one."""
+    second = runner_up(rows)
+    if second is None or not _viable(rows, second, target):
+        return None
+    causes = []
+    for run in counted_runs(rows, choice):
+        if not stalled(run, target):
+            continue
+        seed = run["case"]["train"]["seed"]
+        there = [r for r in rows if r["case"]["train"].get("seed") == seed and choice_of(r) == second
+                 and r.get("status") in ("ok", "diverged") and r["case"]["phase"] in ("tune", "extend", "runnerup")]
+        if not there:
+            return None
+        causes.append("rate" if near_target(there[-1], target) else "init")
+    return ("rate" if "rate" in causes else "init") if causes else None
+
+
 def choose_lr(tune_rows: list[dict]) -> float | None:
     """The learning rate of the best tune run by validation, or None when none finished."""
     choice = choose(tune_rows)
@@ -308,10 +386,13 @@ def not_needed(rows: list[dict]) -> str:
     """What a findings run's skipped rows stand for, e.g. '28 rates beyond the grid where the
     choice lay inside it; 5 longer budgets where the run had converged or stopped improving'."""
     longer = sum(r.get("status") == "skipped" and r.get("case", {}).get("phase") == "longer" for r in rows)
-    rates = sum(r.get("status") == "skipped" for r in rows) - longer
+    second = sum(r.get("status") == "skipped" and r.get("case", {}).get("phase") == "runnerup" for r in rows)
+    rates = sum(r.get("status") == "skipped" for r in rows) - longer - second
     return "; ".join(([f"{rates} rates beyond the grid where the choice lay inside it"] if rates else [])
                      + ([f"{longer} longer budgets where the run had converged or stopped improving"]
-                        if longer else []))
+                        if longer else [])
+                     + ([f"{second} runner-up rates where the seed's run had not stalled beside one that learned"]
+                        if second else []))
 
 
 def metric_of(metrics: dict, metric: str) -> float:
@@ -359,10 +440,7 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
         seeds = [r for r in rs if r["case"]["phase"] == "seed"]
         current = [r for r in seeds if choice_of(r) == choice]
         # a run of the chosen rate that ended still improving counts by its longer-budget rerun
-        longer = {r["case"]["train"]["seed"]: r for r in rs if r["case"]["phase"] == "longer"
-                  and r.get("status") in ("ok", "diverged") and choice_of(r) == choice}
-        base = chosen + current
-        runs = [longer.get(r["case"]["train"]["seed"], r) for r in base]
+        runs = counted_runs(rs, choice)
         # a weight-decay grid: seed cases that resolve it, or tune runs that differ in it
         swept = any(r["case"]["train"].get("weight_decay") == "best" for r in rs) or len(
             {choice_of(r)[1] for r in tune}) > 1
@@ -389,6 +467,8 @@ def summarize(rows: list[dict], metric: str = "test/accuracy") -> list[Summary]:
             if r.get("status") == "ok":
                 s.values.append(metric_of(r["result"]["metrics"], metric))
                 s.state_bytes = r["result"].get("state_bytes", s.state_bytes)
+        if s.split:
+            s.split_cause = split_cause(rs, choice, target)
         out.append(s)
     return out
 
@@ -466,7 +546,8 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
     ``decreases`` drop too small at a still-improving easier setting, or large against a
     still-improving harder one; a ``higher`` gap whose trailing mixer still improves. Seeds
     split at the chosen rate (:attr:`Summary.split`) count as still improving: a rate that
-    carries to every seed could move the mean the same way."""
+    carries to every seed could move the mean the same way; unless each stalled seed stalled
+    at the tuning's runner-up rate too (:attr:`Summary.split_cause` "init"), where the mean stands."""
     rule = dict(claim.rule)
     kind = rule.pop("kind")
     metric = rule.pop("metric", "test/accuracy")
@@ -480,13 +561,15 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[str, str]:
         lo, hi = s.ci
         ci = f" [{lo:.3f}, {hi:.3f}]" if s.n > 1 else ""
         rising = f", still improving {s.flags['still_improving']}/{s.n_runs}" if s.flags.get("still_improving") else ""
-        split = f", seeds split: {s.near} near the target, {s.stalled} stalled" if s.split else ""
+        split = (f", seeds split: {s.near} near the target, {s.stalled} stalled"
+                 + {"init": " (at the runner-up rate too: the init, not the rate)",
+                    "rate": " (one learned at the runner-up rate)"}.get(s.split_cause, "") if s.split else "")
         return f"{s.mixer} @ {s.setting}: {s.mean:.3f}{ci} (n={s.n}{rising}{split})"
 
     def improving(s: Summary) -> bool:
         """More budget (a run still improving) or a better-tuned rate (seeds split at the chosen
-        one) could still move its mean."""
-        return s.flags.get("still_improving", 0) > 0 or s.split
+        one, unless the stalled seeds stalled at the runner-up rate too) could still move its mean."""
+        return s.flags.get("still_improving", 0) > 0 or (s.split and s.split_cause != "init")
 
     if kind in ("at_least", "at_most"):
         v = float(rule["value"])

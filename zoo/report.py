@@ -231,9 +231,11 @@ def _findings_section(rows, out_dir):
     if not frows:
         return []
     summaries = fd.summarize(rows)
-    c0 = next((r["case"] for r in frows if r["case"]["phase"] != "longer"), frows[0]["case"])
+    c0 = next((r["case"] for r in frows if r["case"]["phase"] not in ("longer", "runnerup")), frows[0]["case"])
     longer = [r for r in frows if r["case"]["phase"] == "longer"]
     longer_ran = sum(r.get("status") not in ("skipped", None) for r in longer)
+    second = [r for r in frows if r["case"]["phase"] == "runnerup"]
+    second_ran = sum(r.get("status") not in ("skipped", None) for r in second)
     lrs = sorted({r["case"]["train"]["lr"] for r in frows if r["case"]["phase"] == "tune"})
     wds = sorted({fd.choice_of(r)[1] for r in frows if r["case"]["phase"] == "tune"} - {None})
     swept = any(r["case"]["train"].get("weight_decay") == "best" for r in frows) or len(wds) > 1
@@ -253,6 +255,8 @@ def _findings_section(rows, out_dir):
              + (f"; a run of the chosen rate that ended its budget still improving run again with "
                 f"{longer[0]['case']['train']['max_steps']} steps (a fresh run, its schedule spanning them), which "
                 f"counts in its place ({longer_ran} so far)" if longer else "")
+             + ("; where the seeds split, the tuning's runner-up rate run on each stalled seed (the first "
+                f"seed's is its tune run), which tells the init from the rate ({second_ran} so far)" if second else "")
              + "; data seed "
              f"{c0['train'].get('data_seed')} for every run (same validation and test sets, fresh training batches). "
              f"Test accuracy: mean, standard deviation and 95 % interval (Student t, clipped to [0, 1]) over the "
@@ -265,7 +269,9 @@ def _findings_section(rows, out_dir):
              f"most runs within {fd.CHANCE_MARGIN} of it, seeds not split (AT FLOOR: the same at the task's floor); "
              f"SEEDS SPLIT = at the chosen rate one run at least ended within {fd.SPLIT_GAP} of the validation "
              f"target and one at least stalled more than {fd.SPLIT_GAP} short of it without still improving, or "
-             "diverged (a claim reads it as still improving; the stalled seed gets the longer budget); "
+             "diverged (a claim reads it as still improving; the stalled seed gets the longer budget"
+             + ("; init: each stalled seed stalled at the runner-up rate too, and a claim reads the mean as it "
+                "stands; rate: one learned there" if second else "") + "); "
              "LR AT EDGE = the chosen run did not converge and the smallest or largest rate tried is the chosen one "
              f"or within {fd.EDGE_TIE} of it on validation (not tuned). "
              "Rank: the range a mixer could hold, from one plus the mixers whose interval lies wholly above "

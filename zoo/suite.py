@@ -89,6 +89,11 @@ class FindingsSpec:
     # improving: it is run again with this many steps and counts in its place; 0: none. Where
     # no run needs it, its rows read "skipped" and cost nothing
     extend_steps: int = 0
+    # the tuning's runner-up rate on a seed that stalled at the chosen rate beside a seed that
+    # learned (SEEDS SPLIT): it tells a split that comes from the rate (it learns there) from one
+    # that comes from the init (it stalls there too). Where the seeds did not split its rows read
+    # "skipped" and cost nothing
+    runner_up: bool = False
     # a weight-decay grid crossed with lrs (MAD's {0, 0.1}); the best (lr, weight decay) by
     # validation is the choice. Empty: no grid, train.weight_decay as given
     weight_decays: list[float] = field(default_factory=list)
@@ -296,13 +301,16 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
     only where the choice sits at that edge: decided when the case starts, see zoo.sweep), then
     seed cases (lr 'best': chosen from the tune and extension rows when the case starts), then
     longer-budget cases (one per seed, lr 'best', max_steps extend_steps: run only where that
-    seed's run of the chosen rate ended still improving)."""
+    seed's run of the chosen rate ended still improving), then with ``runner_up`` runner-up
+    cases (one per seed after the first, lr 'runnerup': the tuning's second rate, run only where
+    that seed stalled at the chosen rate beside a seed that learned; the first seed's run there
+    is its tune run)."""
     reg = default_registry()
     up = sorted(x for x in f.extend_lrs if x > max(f.lrs))
     down = sorted((x for x in f.extend_lrs if x < min(f.lrs)), reverse=True)
     # nearest first on each side; "extend" k waits for the tune cases and extensions k' < k
     beyond = sorted([(k + 1, x) for k, x in enumerate(up)] + [(k + 1, x) for k, x in enumerate(down)])
-    tune, seeds, longer = [], [], []
+    tune, seeds, longer, second = [], [], [], []
     wds = [{"weight_decay": w} for w in f.weight_decays] or [{}]  # {}: no grid, train.weight_decay as given
     for name, st in f.settings.items():
         task = reg.build_task(st.task, **st.args)
@@ -334,7 +342,13 @@ def _findings_cases(f: FindingsSpec) -> list[dict]:
                          "max_steps": f.extend_steps}
                 longer.append({**base, "phase": "longer", "train": train,
                                "key": f"findings/{name}/{mixer}/longer/seed={seed}"})
-    return tune + seeds + longer
+            for seed in f.seeds[1:] if f.runner_up else ():
+                train = {**_merge(f.train, st.train), "lr": "runnerup",
+                         **({"weight_decay": "runnerup"} if f.weight_decays else {}), "seed": seed,
+                         "data_seed": f.data_seed}
+                second.append({**base, "phase": "runnerup", "train": train,
+                               "key": f"findings/{name}/{mixer}/runnerup/seed={seed}"})
+    return tune + seeds + longer + second
 
 
 def _wd(wd: dict) -> str:

@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from zoo.errors import ZooConfigError
-from zoo.findings import choice_of, choice_text, choose, extension_needed, longer_needed
+from zoo.findings import choice_of, choice_text, choose, extension_needed, longer_needed, runner_up, runner_up_needed
 
 
 def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -238,11 +238,19 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
                     o.get("phase") == "extend" and o["extend"] < c["extend"])) and not finished(o) for o in todo):
                 return False
             return not _extension_reopened(c, row, done)
-        if c.get("phase") not in ("seed", "longer"):
+        if c.get("phase") not in ("seed", "longer", "runnerup"):
             return True
         if any(o["key"].startswith(prefix) and o.get("phase") in ("tune", "extend") and not finished(o)
                for o in todo):
             return False
+        if c["phase"] == "runnerup":  # the rate it ran is still the runner-up; a skip, still not needed
+            group = _group_prefix(c)
+            if any(o["key"].startswith(group) and o.get("phase") in ("seed", "longer") and not finished(o)
+                   for o in todo):
+                return False
+            if row.get("status") == "skipped":
+                return not _runner_up_reopened(c, row, done)
+            return choice_of(row) == runner_up([r for k, r in done.items() if k.startswith(prefix)])
         choice = choose([r for k, r in done.items() if k.startswith(prefix)])
         if c["phase"] == "longer" and row.get("status") == "skipped":
             base = _base_row(c, choice, list(done.values()))
@@ -263,7 +271,7 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         """A seed or longer-budget case left pending while its tuning might change the choice,
         whose row stands because the choice did not change: nothing to run."""
         row = done.get(c["key"])
-        return (c.get("phase") in ("seed", "longer") and row is not None and not redo(c["key"])
+        return (c.get("phase") in ("seed", "longer", "runnerup") and row is not None and not redo(c["key"])
                 and row.get("status") == "ok" and row.get("case") == json.loads(json.dumps(c))
                 and choice_of(row) == _choice(run) and not (retry_failed and _contended(row)))
 
@@ -298,6 +306,11 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
 
                 base_steps = base["case"]["train"].get("max_steps", TrainConfig.max_steps)
                 run["timeout"] = math.ceil(suite.timeout * case["train"]["max_steps"] / base_steps)
+        if case.get("phase") == "runnerup":  # the tuning's second rate: only on a seed that stalled in a split
+            run, why = resolve_runner_up(run, collect([out_dir]))
+            if why is not None and not reusable(case, run):
+                return run, {"key": case["key"], "case": case, "status": "skipped", "reason": why,
+                             **_resolved(run), "wall_s": 0.0}
         if case.get("phase") == "extend":  # a rate beyond the grid: only where the choice sits at its edge
             prefix = _tune_prefix(case)
             why = extension_needed(case, [r for r in collect([out_dir]) if r["key"].startswith(prefix)])
@@ -329,11 +342,13 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
         def blocked(c: dict) -> bool:
             """A seed case waits for the tune and extension cases of its mixer and setting; an
             extension case for the tune cases and the nearer extensions; a longer-budget case for
-            all of those and the seed cases."""
-            if c.get("phase") not in ("seed", "extend", "longer"):
+            all of those and the seed cases; a runner-up case for every other case of its mixer and
+            setting."""
+            if c.get("phase") not in ("seed", "extend", "longer", "runnerup"):
                 return False
             prefix, group = _tune_prefix(c), _group_prefix(c)
-            return any(o["key"].startswith(group) and o["phase"] != "longer" if c["phase"] == "longer" else
+            later = {"longer": ("longer", "runnerup"), "runnerup": ("runnerup",)}
+            return any(o["key"].startswith(group) and o["phase"] not in later[c["phase"]] if c["phase"] in later else
                        o["key"].startswith(prefix) and (c["phase"] == "seed" or o["phase"] == "tune"
                                                         or o.get("extend", 0) < c["extend"])
                        for o in waiting + [case for case, _ in running.values()])
@@ -350,12 +365,13 @@ def _run_locked(suite, out_dir: Path, results: Path, i: int, n: int, retry_faile
             while waiting or running:
                 # a setting's seed cases go first once its tuning is done, so a sweep stopped
                 # part way has whole verdicts rather than every setting half-tuned
-                order = {"seed": 0, "extend": 1, "longer": 1}  # then tune: finish a setting before another
+                order = {"seed": 0, "extend": 1, "longer": 1, "runnerup": 1}  # then tune: a setting before another
                 while len(running) < jobs:  # a case that needs no run (skipped, reused) frees its slot at once
                     # extension and longer-budget cases that turn out not to be needed are settled
                     # first, whatever their place: their rows cost nothing and unblock their
                     # setting's seed runs
-                    for c in [c for c in waiting if c.get("phase") in ("extend", "longer") and not blocked(c)]:
+                    for c in [c for c in waiting if c.get("phase") in ("extend", "longer", "runnerup")
+                              and not blocked(c)]:
                         run, error = start(c, jobs)
                         if error:
                             waiting.remove(c)
@@ -501,6 +517,12 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
             out.append((c["key"], "pending (skipped before; the rates tried now call for it)"))
         elif _longer_reopened(c, row, done):
             out.append((c["key"], "pending (skipped before; another seed's run now calls for it)"))
+        elif _runner_up_reopened(c, row, done):
+            out.append((c["key"], "pending (skipped before; the seeds now split)"))
+        elif c.get("phase") == "runnerup" and row.get("status") == "ok" and choice_of(row) != (
+                second := runner_up([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
+            out.append((c["key"], f"stale (lr {choice_text(choice_of(row))}; the tuning's runner-up is now "
+                                  f"{choice_text(second)})"))
         elif c.get("phase") in ("seed", "longer") and row.get("status") in ("ok", "skipped") and choice_of(row) != (
                 choice := choose([r for k, r in done.items() if k.startswith(_tune_prefix(c))])):
             out.append((c["key"], f"stale (lr {choice_text(choice_of(row))}; the tuning now chooses "
@@ -660,6 +682,29 @@ def _longer_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
     base = _base_row(case, choice, rows)
     return base is not None and longer_needed(base, case["train"].get("stop_at", 0.0),
                                               _sibling_rows(case, choice, rows)) is None
+
+
+def _runner_up_reopened(case: dict, row: dict, done: dict[str, dict]) -> bool:
+    """A runner-up case that was skipped as not needed, which the runs of its mixer and setting
+    now call for (a longer budget or a seed run came in after it was judged; or the rule changed)."""
+    if case.get("phase") != "runnerup" or row.get("status") != "skipped":
+        return False
+    return resolve_runner_up(case, list(done.values()))[1] is None
+
+
+def resolve_runner_up(case: dict, rows: list[dict]) -> tuple[dict, str | None]:
+    """A runner-up case with lr 'runnerup' (and weight decay, with a weight-decay grid) replaced
+    by the tuning's second choice (:func:`zoo.findings.runner_up`), and why it need not run
+    (None: it must)."""
+    group = [r for r in rows if r["key"].startswith(_group_prefix(case))
+             and r.get("case", {}).get("kind") == "findings"]
+    second = runner_up([r for r in group if r["key"].startswith(_tune_prefix(case))])
+    why = runner_up_needed(case["train"]["seed"], group, case["train"].get("stop_at", 0.0))
+    if second is None:
+        return case, why
+    lr, wd = second
+    return {**case, "train": {**case["train"], "lr": lr,
+                              **({"weight_decay": wd} if case["train"].get("weight_decay") == "runnerup" else {})}}, why
 
 
 def _sibling_rows(case: dict, choice: tuple | None, rows: list[dict]) -> list[dict]:
