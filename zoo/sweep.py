@@ -496,8 +496,10 @@ def case_status(suite, out_dir: Path) -> list[tuple[str, str]]:
     """(key, status) of every case of the suite against the results in out_dir, without running
     anything: pending, changed (a row with other settings, or made before its mixer's registry
     entry changed), stale (a seed run made with another
-    lr than the tuning now chooses), ok, contended, or the row's status (skipped: a rate beyond
-    the findings grid that was not needed)."""
+    lr than the tuning now chooses; a runner-up run made with another lr than its second
+    choice), pending (skipped before; ...) where a skipped row is now needed, ok, contended, or
+    the row's status (skipped: a rate beyond the findings grid, a longer budget or a runner-up
+    rate that was not needed)."""
     from zoo.suite import cases
 
     done = {r["key"]: r for r in collect([out_dir]) if isinstance(r["key"], str)} if out_dir.is_dir() else {}
