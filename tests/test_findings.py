@@ -1015,3 +1015,13 @@ def test_a_split_runs_the_runner_up_rate_on_its_stalled_seed_only(tmp_path):
     order.clear()
     run_suite(suite, out, progress=False, jobs=2, runner=runner)
     assert order == [("findings/p1/softmax/runnerup/seed=1", 1e-3)]
+    # made at a rate that is no longer the tuning's second choice: stale, and run again
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps({**r, "lr": 3e-4} if r["key"].endswith("runnerup/seed=1")
+                                                          and r["case"]["mixer"] == "softmax" else r) + "\n"
+                                               for r in rows))
+    assert dict(case_status(suite, out))["findings/p1/softmax/runnerup/seed=1"] == (
+        "stale (lr 0.0003; the tuning's runner-up is now 0.001)")
+    order.clear()
+    run_suite(suite, out, progress=False, jobs=2, runner=runner)
+    assert order == [("findings/p1/softmax/runnerup/seed=1", 1e-3)]
