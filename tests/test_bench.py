@@ -676,3 +676,15 @@ def test_report_names_every_command_behind_its_rows(tmp_path):
     assert "zoo bench decode   # 2 cases" in report and "--rerun 'decode/y/*'   # 1 case" in report
     one = write_report(rows[:2], tmp_path / "one").read_text()
     assert "Produced by:" in one and "# 2 cases" not in one
+
+
+def test_compute_time_sums_wall_times_and_counts_overlapping_runs_once():
+    """Two one-hour runs overlapping by half an hour, a third a day later for half an hour:
+    2.5 process-hours over 2.0 hours with a run going (the day between is not counted)."""
+    from zoo.report import compute_time
+    h = 3600.0
+    ok = [{"wall_s": h, "finished_at": 10 * h}, {"wall_s": h, "finished_at": 10.5 * h},
+          {"wall_s": 0.5 * h, "finished_at": 40 * h}, {"status": "ok"}]
+    text = compute_time(ok)
+    assert "2.5 h of process time for the 4 finished cases" in text
+    assert "over 2.0 h in which" in text

@@ -137,7 +137,8 @@ def write_report(rows: list[dict], out_dir: Path, command: str = "") -> Path:
                   + (f" ({skipped} more not needed: {not_needed(rows)})"
                      if skipped else "")
                   + ("; times are medians of `torch.utils.benchmark` blocks and hold only for this machine; "
-                     "ratios are the portable part." if timed else "; the environment is the first row's."), ""]
+                     "ratios are the portable part." if timed else "; the environment is the first row's."),
+                  "", compute_time(ok), ""]
         lines += _where_section(ok)
     lines += _findings_section(rows, out_dir)
     lines += _quality_section(rows, out_dir)
@@ -624,6 +625,29 @@ def _decode_section(rows):
         st = " | ".join(_fmt(t[n]["state_bytes"], "B") if n in t else "-" for n in ctxs)
         lines.append(f"| {mixer} | {us} | {st} |")
     return lines + _contention_note([r for t in table.values() for r in t.values()]) + [""]
+
+
+def compute_time(ok: list[dict]) -> str:
+    """What the finished cases cost: the sum of their wall times (process-hours) and the time
+    in which at least one of them ran (the union of their intervals, so a sweep's pauses and
+    the gaps between its sessions are left out)."""
+    spans = sorted((r["finished_at"] - r["wall_s"], r["finished_at"]) for r in ok
+                   if r.get("wall_s") and r.get("finished_at"))
+    busy, start, end = 0.0, None, None
+    for s, e in spans:
+        if end is None or s > end:
+            busy += (end - start) if end is not None else 0.0
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += (end - start) if end is not None else 0.0
+    total = sum(r.get("wall_s") or 0.0 for r in ok)
+
+    def span(s: float) -> str:
+        return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+    return (f"Compute: {span(total)} of process time for the {len(ok)} finished cases, over "
+            f"{span(busy)} in which at least one of them ran (the sum of their wall times, and "
+            "the union of their intervals).")
 
 
 def _where_section(ok: list[dict]) -> list[str]:
